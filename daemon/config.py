@@ -1,0 +1,281 @@
+"""The configuration: one frozen pydantic model, loaded and validated once at start-up."""
+
+from __future__ import annotations
+
+import os
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+ENV_VAR = "CLIPTAGD_CONFIG"
+
+# Where the config is looked for when neither -c nor $CLIPTAGD_CONFIG names one, in order.
+DEFAULT_LOCATIONS = (
+    Path("~/.config/cliptagd/config.yaml"),
+    Path("/etc/cliptagd/config.yaml"),
+)
+
+# Names accepted in `templates:` instead of a list: open_clip's own ImageNet template lists.
+TEMPLATE_LISTS = ("openai", "simple")
+
+DEFAULT_EXTENSIONS = (
+    ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
+)  # fmt: skip
+
+# Folders that NAS systems and file managers keep beside photos; never worth tagging.
+DEFAULT_EXCLUDE = ("@eaDir", "#recycle", "#snapshot", "$RECYCLE.BIN", "lost+found")
+
+
+class ConfigError(Exception):
+    """The config file is missing, unreadable or invalid; the message says where and why."""
+
+
+class Mode(StrEnum):
+    SINGLE = "single"
+    MULTI = "multi"
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class WatchConfig(_Frozen):
+    paths: Annotated[tuple[Path, ...], Field(min_length=1)]
+    extensions: tuple[str, ...] = DEFAULT_EXTENSIONS
+    exclude: tuple[str, ...] = DEFAULT_EXCLUDE
+    # A file with no close event (moved in, written over the network) is taken once its size
+    # and mtime have not changed for this long.
+    settle_seconds: Annotated[float, Field(ge=0, le=3600)] = 2.0
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for ext in value:
+            ext = ext.strip().lower()
+            if not ext:
+                raise ValueError("an extension must not be empty")
+            out.append(ext if ext.startswith(".") else "." + ext)
+        return tuple(out)
+
+
+class ModelConfig(_Frozen):
+    name: str = "ViT-B-32"
+    # None means random weights: only useful for benchmarks.
+    pretrained: str | None = "laion2b_s34b_b79k"
+    device: str = "auto"
+    # "auto": float16 autocast on CUDA, float32 on the CPU (where half precision is slower).
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (
+            value.startswith("cuda:") and value[5:].isdigit()
+        ):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+class DatabaseConfig(_Frozen):
+    url: str = "sqlite:////var/lib/cliptagd/tags.db"
+
+
+class WorkerConfig(_Frozen):
+    # 32 photos a batch: the CPU's throughput has flattened by then and a GPU is well fed.
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 32
+    # A batch goes to the model when full or when its first photo has waited this long,
+    # so a single dropped photo is not held back.
+    max_wait_seconds: Annotated[float, Field(ge=0, le=60)] = 0.05
+    # Threads decoding photos while the model runs; "auto" keeps a core for the model.
+    decode_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    # Threads torch uses for the model on the CPU; "auto" lets torch use every core.
+    torch_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    # Photos refused before decoding above this many pixels (decompression bombs).
+    max_pixels: Annotated[int, Field(ge=1)] = 178_956_970
+    # A photo whose decoding fails this many times (a file still arriving, say) is failed.
+    max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+
+
+class LabelSpec(_Frozen):
+    """A label with its own prompts instead of the set's templates."""
+
+    name: Annotated[str, Field(min_length=1)]
+    prompts: tuple[str, ...] | None = None
+    negative_prompts: tuple[str, ...] | None = None
+
+
+class LabelSetConfig(_Frozen):
+    mode: Mode = Mode.SINGLE
+    templates: tuple[str, ...] | Literal["openai", "simple"] = ("a photo of a {}.",)
+    # multi only: the prompts each label is weighed against; default: each template with
+    # "not {}" in place of "{}".
+    negative_templates: tuple[str, ...] | None = None
+    labels: Annotated[tuple[str | LabelSpec, ...], Field(min_length=1)]
+    # A label is kept when its probability reaches this (single: softmax over the set;
+    # multi: label against its negative). Defaults: 0.0 for single, 0.5 for multi.
+    threshold: Annotated[float, Field(ge=0, le=1)] | None = None
+    # At most this many labels of the set per photo. Defaults: 1 for single, all for multi.
+    top_k: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("templates", "negative_templates")
+    @classmethod
+    def _check_templates(cls, value: Any) -> Any:
+        if isinstance(value, tuple):
+            if not value:
+                raise ValueError("needs at least one template")
+            for template in value:
+                if template.count("{}") != 1:
+                    raise ValueError(f"template {template!r} must contain {{}} exactly once")
+        return value
+
+    @model_validator(mode="after")
+    def _check_labels(self) -> Self:
+        names = [spec.name for spec in self.label_specs]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise ValueError(f"labels appear twice: {', '.join(duplicates)}")
+        if self.mode is Mode.SINGLE and len(names) < 2:
+            raise ValueError("a single-mode set needs at least two labels to choose between")
+        if self.mode is Mode.SINGLE and self.negative_templates is not None:
+            raise ValueError("negative_templates only applies to multi-mode sets")
+        return self
+
+    @property
+    def label_specs(self) -> tuple[LabelSpec, ...]:
+        return tuple(
+            LabelSpec(name=label) if isinstance(label, str) else label for label in self.labels
+        )
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        return tuple(spec.name for spec in self.label_specs)
+
+    @property
+    def effective_threshold(self) -> float:
+        if self.threshold is not None:
+            return self.threshold
+        return 0.0 if self.mode is Mode.SINGLE else 0.5
+
+    @property
+    def effective_top_k(self) -> int:
+        if self.top_k is not None:
+            return self.top_k
+        return 1 if self.mode is Mode.SINGLE else len(self.labels)
+
+
+class Config(_Frozen):
+    watch: WatchConfig
+    model: ModelConfig = ModelConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    worker: WorkerConfig = WorkerConfig()
+    label_sets: Annotated[dict[str, LabelSetConfig], Field(min_length=1)]
+    # Label embeddings are cached here; None: $CACHE_DIRECTORY (systemd) or ~/.cache/cliptagd.
+    cache_dir: Path | None = None
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @property
+    def cache_path(self) -> Path:
+        if self.cache_dir is not None:
+            return self.cache_dir
+        systemd_cache = os.environ.get("CACHE_DIRECTORY")
+        if systemd_cache:
+            return Path(systemd_cache.split(":")[0])
+        return Path("~/.cache/cliptagd").expanduser()
+
+
+def find_config(explicit: str | os.PathLike[str] | None) -> Path:
+    """The config file to use: -c, else $CLIPTAGD_CONFIG, else the default locations."""
+    if explicit:
+        return Path(explicit)
+    from_env = os.environ.get(ENV_VAR)
+    if from_env:
+        return Path(from_env)
+    for candidate in DEFAULT_LOCATIONS:
+        candidate = candidate.expanduser()
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(p) for p in DEFAULT_LOCATIONS)
+    raise ConfigError(
+        f"No config file given and none found (looked in {looked}). "
+        f"Pass -c FILE or set ${ENV_VAR}; config.example.yaml is a starting point."
+    )
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read, validate and resolve the config at `path`; raise ConfigError naming file and key."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({_one_line(str(exc))})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the config must be a mapping with watch: and label_sets:")
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(path, exc)) from None
+    return _resolve_paths(config, path.resolve().parent)
+
+
+def _describe(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        # pydantic reports which member of a union failed (e.g. "str" or "LabelSpec");
+        # those are type names, not keys the user wrote, so drop them.
+        parts = [
+            str(p) for p in error["loc"] if not (isinstance(p, str) and p[:1].isupper())
+        ]
+        parts = [p for p in parts if p not in ("str", "int", "literal['auto']", "tuple[str, ...]")]
+        key = ".".join(parts) or "(top level)"
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            message = "unknown key (check its spelling)"
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        line = f"{path}: {key}: {message}"
+        if line not in lines:
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _resolve_paths(config: Config, base: Path) -> Config:
+    """Make relative paths in the config relative to the config file, not the cwd."""
+
+    def resolve(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    watch = config.watch.model_copy(update={"paths": tuple(resolve(p) for p in config.watch.paths)})
+    update: dict[str, Any] = {"watch": watch}
+    if config.cache_dir is not None:
+        update["cache_dir"] = resolve(config.cache_dir)
+    url = config.database.url
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/"):
+        rest = url[len(prefix) :]
+        if rest and rest != ":memory:" and not rest.startswith("file:"):
+            update["database"] = DatabaseConfig(url=prefix + str(resolve(Path(rest))))
+    name = config.model.name
+    if name.startswith("local-dir:"):
+        local = resolve(Path(name[len("local-dir:") :]))
+        update["model"] = config.model.model_copy(update={"name": f"local-dir:{local}"})
+    return config.model_copy(update=update)

@@ -1,0 +1,103 @@
+"""Opening photos: any file a camera, phone or browser leaves, to one RGB picture, or a reason.
+
+Runs in the worker's decode threads. Pillow releases the GIL while it decodes, so several
+threads decode at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+log = logging.getLogger(__name__)
+
+# Background for pictures with transparency: most photo viewers show them on white.
+BACKGROUND = (255, 255, 255)
+
+
+class UnreadableImage(Exception):
+    """The file is not a picture we can read; `retry` when it may still be arriving."""
+
+    def __init__(self, reason: str, *, retry: bool = False) -> None:
+        super().__init__(reason)
+        self.retry = retry
+
+
+def register_heif() -> bool:
+    """Teach Pillow HEIC/HEIF (iPhone photos) when pillow-heif is installed."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Image.Image:
+    """Decode `path` upright, as RGB, at no less than `min_side` pixels on its short side.
+
+    Large JPEGs are decoded at a reduced scale (Pillow's draft mode: the decoder skips
+    detail the model would throw away anyway), which is several times faster.
+    """
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            # Checked on the header, before a single pixel is allocated.
+            if width * height > max_pixels:
+                raise UnreadableImage(
+                    f"{width}x{height} pixels is more than the limit of {max_pixels} "
+                    "(worker.max_pixels)"
+                )
+            if img.format == "JPEG":
+                img.draft("RGB", _draft_size(width, height, min_side))
+            img.load()
+            return _to_rgb(ImageOps.exif_transpose(img))
+    except UnreadableImage:
+        raise
+    except FileNotFoundError:
+        raise UnreadableImage("the file was deleted before it could be read") from None
+    except PermissionError:
+        raise UnreadableImage("permission denied") from None
+    except IsADirectoryError:
+        raise UnreadableImage("is a directory") from None
+    except UnidentifiedImageError:
+        if os.path.getsize(path) == 0:
+            # Often a file just created and not written yet.
+            raise UnreadableImage("the file is empty", retry=True) from None
+        raise UnreadableImage("not a picture Pillow can read") from None
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImage(str(exc)) from None
+    except OSError as exc:
+        message = str(exc)
+        # Pillow's words for a file that ends too soon: perhaps still being copied.
+        truncated = "truncated" in message or "broken data stream" in message
+        raise UnreadableImage(
+            f"the file is cut short ({message})" if truncated else f"cannot decode ({message})",
+            retry=truncated,
+        ) from None
+    except (ValueError, SyntaxError, EOFError) as exc:
+        raise UnreadableImage(f"corrupt file ({exc})") from None
+
+
+def _draft_size(width: int, height: int, min_side: int) -> tuple[int, int]:
+    # JPEG draft scales by 1/2, 1/4 or 1/8 while the result stays at least the requested size;
+    # ask for twice the model's side so the final resize still has pixels to smooth from.
+    short = max(1, min(width, height))
+    scale = (2 * min_side) / short
+    return (max(1, round(width * scale)), max(1, round(height * scale)))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16-bit greyscale: scale down to 8 bits; a plain convert would clip to white.
+        return img.point(lambda v: v / 256).convert("L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, BACKGROUND)
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return img.convert("RGB")

@@ -1,0 +1,57 @@
+"""What travels between the pipeline, the worker process and the store.
+
+Plain frozen dataclasses: they are pickled across the process boundary, so they carry only
+built-in types.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class FileStat:
+    """A file seen on disk: what the durable queue needs to know it is new or changed."""
+
+    path: str
+    size: int
+    mtime: float
+
+    @classmethod
+    def of(cls, path: str | os.PathLike[str]) -> FileStat:
+        """Stat `path` (following symlinks); raises OSError if it is gone."""
+        st = os.stat(path)
+        return cls(os.fspath(path), st.st_size, st.st_mtime)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One photo handed to the worker: the row it came from and the file state it saw."""
+
+    photo_id: int
+    path: str
+    size: int
+    mtime: float
+
+
+@dataclass(frozen=True, slots=True)
+class TagScore:
+    label_set: str
+    label: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """The worker's answer for one job: its kept tags, or why it could not be tagged."""
+
+    job: Job
+    tags: tuple[TagScore, ...] = ()
+    error: str | None = None
+    # True when the failure may go away by itself (a file still being written).
+    retry: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None

@@ -1,0 +1,76 @@
+"""The tables of the tag database (SQLAlchemy 2.0 typed models).
+
+The schema is meant to be read without cliptagd too: `photos`, `tags`, and the view
+`photo_tags` (path, label_set, label, score, tagged_at; made by the first migration) for sqlite3, Datasette or pandas.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+from sqlalchemy import (
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+class Status(StrEnum):
+    PENDING = "pending"
+    TAGGED = "tagged"
+    FAILED = "failed"
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Photo(Base):
+    __tablename__ = "photos"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    size: Mapped[int] = mapped_column(Integer)
+    # Seconds since the epoch, as os.stat gives it; with size, tells an unchanged file.
+    mtime: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(16), default=Status.PENDING)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    # A photo whose decoding failed in a way that may pass is not tried again before this.
+    retry_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    model_id: Mapped[str | None] = mapped_column(Text, default=None)
+    queued_at: Mapped[datetime] = mapped_column(DateTime)
+    tagged_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+
+    tags: Mapped[list[Tag]] = relationship(
+        back_populates="photo", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+    __table_args__ = (Index("ix_photos_status", "status"),)
+
+
+class Tag(Base):
+    __tablename__ = "tags"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    photo_id: Mapped[int] = mapped_column(ForeignKey("photos.id", ondelete="CASCADE"))
+    label_set: Mapped[str] = mapped_column(Text)
+    label: Mapped[str] = mapped_column(Text)
+    score: Mapped[float] = mapped_column(Float)
+
+    photo: Mapped[Photo] = relationship(back_populates="tags")
+
+    __table_args__ = (
+        UniqueConstraint("photo_id", "label_set", "label", name="uq_tags_photo_set_label"),
+        # `query --tag` looks up by label (and set), then orders by score.
+        Index("ix_tags_label_set_score", "label", "label_set", "score"),
+    )
+
+

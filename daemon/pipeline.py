@@ -1,0 +1,153 @@
+"""The pipeline: files seen → pending rows → the worker → tags, with the database in between.
+
+Every photo is written to the database as pending before the worker sees it, and only a
+bounded number of jobs is handed to the worker at a time (back-pressure): the database holds
+the rest of the queue, so a crash at any point loses nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from .jobs import FileStat, Job, Outcome
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+# Files seen but not yet recorded; a scan of a huge folder waits here rather than filling
+# memory.
+INTAKE_LIMIT = 10_000
+
+# Rows recorded per transaction when files arrive in a burst.
+INTAKE_CHUNK = 2_000
+
+
+class Engine(Protocol):
+    """What the pipeline needs of the worker (the real one is worker.Worker)."""
+
+    def submit(self, job: Job) -> None: ...
+
+    def outcomes(self, timeout: float) -> list[Outcome]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    path: str
+
+
+class Pipeline:
+    """Moves photos from intake through the worker into the store; one thread drives it."""
+
+    def __init__(
+        self,
+        store: Store,
+        worker: Engine,
+        *,
+        model_id: str,
+        batch_size: int,
+        max_attempts: int,
+        on_outcomes: Callable[[Sequence[Outcome]], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.worker = worker
+        self.model_id = model_id
+        self.max_attempts = max_attempts
+        # Enough jobs at the worker to fill the batch being decoded and the one after it.
+        self.in_flight_limit = 2 * batch_size
+        self.on_outcomes = on_outcomes
+        self.intake: queue.Queue[FileStat | Removed] = queue.Queue(maxsize=INTAKE_LIMIT)
+        self.in_flight: dict[int, Job] = {}
+        self._claim_needed = True
+        self.lock = threading.Lock()
+
+    # -- intake (any thread) ----------------------------------------------------------------
+
+    def offer(self, stat: FileStat) -> None:
+        """A complete photo was seen; it will be recorded as pending (unless unchanged)."""
+        self.intake.put(stat)
+
+    def forget(self, path: str) -> None:
+        """A photo or folder was deleted; its rows go."""
+        self.intake.put(Removed(path))
+
+    # -- the driving thread -----------------------------------------------------------------
+
+    def step(self, timeout: float = 0.2) -> None:
+        """Record arrivals, hand due jobs to the worker, save what it finished."""
+        self._record_intake()
+        self._dispatch()
+        wait = timeout if self.in_flight else 0.0
+        outcomes = self.worker.outcomes(timeout=wait) if self.in_flight else []
+        if outcomes:
+            self._save(outcomes)
+        elif not self.in_flight and self.intake.empty():
+            time.sleep(timeout)
+            self._claim_needed = True  # retries may have come due
+
+    def idle(self) -> bool:
+        """Nothing waiting in intake, at the worker, or pending in the database."""
+        return (
+            self.intake.empty()
+            and not self.in_flight
+            and self.store.counts()["pending"] == 0
+        )
+
+    def save_finished(self, outcomes: Sequence[Outcome]) -> None:
+        """Save outcomes that arrived outside step() (at shutdown)."""
+        if outcomes:
+            self._save(outcomes)
+
+    def hand_back(self) -> None:
+        """The worker is gone: its jobs stay pending in the database and are claimed again."""
+        self.in_flight.clear()
+        self._claim_needed = True
+
+    def _record_intake(self) -> None:
+        stats: list[FileStat] = []
+        while len(stats) < INTAKE_CHUNK:
+            try:
+                item = self.intake.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, Removed):
+                if stats:
+                    self._enqueue(stats)
+                    stats = []
+                removed = self.store.remove(item.path)
+                if removed:
+                    log.info("Forgot %d photo(s) under %s: deleted", removed, item.path)
+            else:
+                stats.append(item)
+        if stats:
+            self._enqueue(stats)
+
+    def _enqueue(self, stats: list[FileStat]) -> None:
+        if self.store.enqueue(stats):
+            self._claim_needed = True
+
+    def _dispatch(self) -> None:
+        room = self.in_flight_limit - len(self.in_flight)
+        if room <= 0 or not self._claim_needed:
+            return
+        jobs = self.store.claim(room, exclude=self.in_flight.keys())
+        if len(jobs) < room:
+            self._claim_needed = False  # nothing more is due until something changes
+        for job in jobs:
+            self.in_flight[job.photo_id] = job
+            self.worker.submit(job)
+
+    def _save(self, outcomes: Sequence[Outcome]) -> None:
+        self.store.save_results(outcomes, self.model_id, self.max_attempts)
+        for outcome in outcomes:
+            self.in_flight.pop(outcome.job.photo_id, None)
+            if outcome.error is not None:
+                log.warning("Skipping %s: %s", outcome.job.path, outcome.error)
+        self._claim_needed = True
+        if self.on_outcomes is not None:
+            self.on_outcomes(outcomes)

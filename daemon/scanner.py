@@ -1,0 +1,83 @@
+"""Which files are photos to tag, and walking folders for them (the catch-up scan)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from .jobs import FileStat
+
+log = logging.getLogger(__name__)
+
+# Names that browsers, editors and copy tools give files still being written.
+TEMPORARY_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp", ".temp", "~")
+
+
+class PathFilter:
+    """Decides whether a path under the watched roots is a photo worth tagging."""
+
+    def __init__(self, roots: Iterable[Path], extensions: Iterable[str], exclude: Iterable[str]):
+        self.roots = [os.path.abspath(root) for root in roots]
+        self.extensions = frozenset(ext.lower() for ext in extensions)
+        self.exclude = frozenset(exclude)
+
+    def wanted_dir(self, name: str) -> bool:
+        return not name.startswith(".") and name not in self.exclude
+
+    def wanted_name(self, name: str) -> bool:
+        lower = name.lower()
+        return (
+            not name.startswith(".")
+            and not lower.endswith(TEMPORARY_SUFFIXES)
+            and os.path.splitext(lower)[1] in self.extensions
+        )
+
+    def wanted(self, path: str) -> bool:
+        """A file path: a photo, not hidden, not temporary, not in an excluded folder."""
+        path = os.path.abspath(path)
+        if not self.wanted_name(os.path.basename(path)):
+            return False
+        root = self.root_of(path)
+        if root is None:
+            return False
+        folders = os.path.relpath(os.path.dirname(path), root).split(os.sep)
+        return all(self.wanted_dir(name) for name in folders if name != ".")
+
+    def root_of(self, path: str) -> str | None:
+        for root in self.roots:
+            if path == root or path.startswith(root.rstrip(os.sep) + os.sep):
+                return root
+        return None
+
+
+def walk(top: str | os.PathLike[str], path_filter: PathFilter) -> Iterator[FileStat]:
+    """Every wanted photo under `top` (a folder or a single file), with its size and mtime.
+
+    Symlinked folders are not followed, so a link loop cannot trap the scan; unreadable
+    folders are logged and skipped.
+    """
+    top = os.path.abspath(top)
+    if os.path.isfile(top):
+        if path_filter.wanted(top):
+            yield from _stat(top)
+        return
+
+    def on_error(error: OSError) -> None:
+        log.warning("Skipping %s: %s", error.filename, error.strerror)
+
+    for folder, dirs, files in os.walk(top, onerror=on_error, followlinks=False):
+        dirs[:] = sorted(d for d in dirs if path_filter.wanted_dir(d))
+        for name in sorted(files):
+            if path_filter.wanted_name(name):
+                yield from _stat(os.path.join(folder, name))
+
+
+def _stat(path: str) -> Iterator[FileStat]:
+    try:
+        stat = FileStat.of(path)
+    except OSError as exc:  # gone since listed, or a dangling symlink
+        log.debug("Skipping %s: %s", path, exc.strerror)
+        return
+    yield stat

@@ -1,0 +1,391 @@
+"""The tag database: every query cliptagd makes, as a verb method.
+
+The daemon opens it as the only writer; the query commands open it read-only while the daemon
+runs. On SQLite that works because of WAL mode, a busy timeout, and write transactions that
+take the write lock up front (BEGIN IMMEDIATE): a transaction that reads and then writes can
+otherwise fail with "database is locked" at once, whatever the busy timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    Engine,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    make_url,
+    select,
+    update,
+)
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from .jobs import FileStat, Job, Outcome
+from .models import Photo, Status, Tag
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).with_name("migrations")
+
+# Rows per statement when enqueueing: well under SQLite's bound-variable limit.
+CHUNK = 500
+
+# A photo whose decoding failed in a way that may pass (still being written) waits this long
+# per attempt before it is tried again.
+RETRY_DELAY = timedelta(seconds=5)
+
+
+class StoreError(Exception):
+    """The database cannot be opened or used; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    path: str
+    label_set: str
+    label: str
+    score: float
+
+
+@dataclass(frozen=True, slots=True)
+class LabelCount:
+    label_set: str
+    label: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class PhotoState:
+    path: str
+    status: str
+    error: str | None
+
+
+def _now() -> datetime:
+    # Stored as naive UTC: SQLite has no time zones, and naive values compare correctly.
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Store:
+    """The tag database at `url`. `readonly` opens it for queries only."""
+
+    def __init__(self, url: str, *, readonly: bool = False) -> None:
+        self.url = url
+        self.readonly = readonly
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise StoreError(f"database.url {url!r} is not a valid SQLAlchemy URL") from None
+        self._sqlite = parsed.get_backend_name() == "sqlite"
+        if self._sqlite and parsed.database and parsed.database != ":memory:":
+            db_path = Path(parsed.database)
+            if readonly and not db_path.exists():
+                raise StoreError(
+                    f"No tag database at {db_path} yet: start the daemon (cliptagd run) "
+                    "or tag a folder (cliptagd scan) first."
+                )
+            if not readonly:
+                db_path.parent.mkdir(parents=True, exist_ok=True)
+        self.engine = self._create_engine(url)
+
+    def _create_engine(self, url: str) -> Engine:
+        if not self._sqlite:
+            return create_engine(url, pool_pre_ping=True)
+        engine = create_engine(url, connect_args={"timeout": 30})
+        readonly = self.readonly
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" event issue BEGIN itself (the documented pysqlite
+            # recipe), so that writers can say IMMEDIATE.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA busy_timeout = 30000")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            if readonly:
+                cursor.execute("PRAGMA query_only = ON")
+            else:
+                cursor.execute("PRAGMA journal_mode = WAL")
+                # With WAL, NORMAL survives any process crash; only a power cut can lose the
+                # last commits, which the next catch-up scan redoes.
+                cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+
+        return engine
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- schema ---------------------------------------------------------------------------
+
+    def _alembic(self) -> tuple[Any, Any]:
+        from alembic.config import Config as AlembicConfig
+        from alembic.script import ScriptDirectory
+
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(MIGRATIONS))
+        return cfg, ScriptDirectory.from_config(cfg)
+
+    def _current_revision(self, conn: Connection) -> str | None:
+        from alembic.runtime.migration import MigrationContext
+
+        revision: str | None = MigrationContext.configure(conn).get_current_revision()
+        return revision
+
+    def _check_not_newer(self, script: Any, revision: str | None) -> None:
+        from alembic.util import CommandError
+
+        if revision is None:
+            return
+        try:
+            script.get_revision(revision)
+        except CommandError:
+            raise StoreError(
+                f"The database {self._where()} has schema revision {revision}, written by a "
+                "newer cliptagd. Upgrade cliptagd, or point database.url at another file."
+            ) from None
+
+    def migrate(self) -> None:
+        """Create the schema or bring it up to date; refuse a database newer than this code."""
+        from alembic import command
+
+        cfg, script = self._alembic()
+        try:
+            with self.engine.begin() as conn:
+                current = self._current_revision(conn)
+                self._check_not_newer(script, current)
+                if current != script.get_current_head():
+                    log.info("Migrating the database %s to schema %s", self._where(),
+                             script.get_current_head())
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
+        except OperationalError as exc:
+            raise StoreError(f"Cannot open the database {self._where()}: {exc.orig}") from None
+
+    def check_schema(self) -> None:
+        """For readers: the schema must be the one this code knows."""
+        _cfg, script = self._alembic()
+        try:
+            with self.engine.connect() as conn:
+                current = self._current_revision(conn)
+        except OperationalError as exc:
+            raise StoreError(f"Cannot open the database {self._where()}: {exc.orig}") from None
+        self._check_not_newer(script, current)
+        if current != script.get_current_head():
+            raise StoreError(
+                f"The database {self._where()} is not at this cliptagd's schema yet: "
+                "start the daemon (cliptagd run) once to migrate it."
+            )
+
+    def _where(self) -> str:
+        return make_url(self.url).render_as_string(hide_password=True)
+
+    # -- the durable queue ----------------------------------------------------------------
+
+    def enqueue(self, stats: Iterable[FileStat]) -> int:
+        """Record new or changed files as pending; return how many became pending.
+
+        An unchanged file (same path, size and mtime) already tagged or failed is left alone,
+        so nothing is processed twice.
+        """
+        queued = 0
+        for chunk in _chunks(stats, CHUNK):
+            by_path = {stat.path: stat for stat in chunk}
+            now = _now()
+            with self.engine.begin() as conn:
+                existing = {
+                    row.path: row
+                    for row in conn.execute(
+                        select(Photo.id, Photo.path, Photo.size, Photo.mtime, Photo.status).where(
+                            Photo.path.in_(list(by_path))
+                        )
+                    )
+                }
+                new_rows = []
+                for stat in by_path.values():
+                    row = existing.get(stat.path)
+                    if row is None:
+                        new_rows.append(
+                            {"path": stat.path, "size": stat.size, "mtime": stat.mtime,
+                             "status": Status.PENDING, "attempts": 0, "queued_at": now}
+                        )  # fmt: skip
+                    elif (row.size, row.mtime) != (stat.size, stat.mtime):
+                        conn.execute(
+                            update(Photo).where(Photo.id == row.id).values(
+                                size=stat.size, mtime=stat.mtime, status=Status.PENDING,
+                                error=None, attempts=0, retry_at=None, queued_at=now,
+                            )
+                        )  # fmt: skip
+                    else:
+                        continue
+                    queued += 1
+                if new_rows:
+                    conn.execute(insert(Photo), new_rows)
+        return queued
+
+    def claim(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
+        """Up to `limit` pending photos that are due, oldest first, not among `exclude`."""
+        if limit <= 0:
+            return []
+        query = (
+            select(Photo.id, Photo.path, Photo.size, Photo.mtime)
+            .where(Photo.status == Status.PENDING)
+            .where((Photo.retry_at.is_(None)) | (Photo.retry_at <= _now()))
+            .order_by(Photo.id)
+            .limit(limit)
+        )
+        if exclude:
+            query = query.where(Photo.id.not_in(list(exclude)))
+        with self.engine.connect() as conn:
+            return [Job(row.id, row.path, row.size, row.mtime) for row in conn.execute(query)]
+
+    def save_results(self, outcomes: Sequence[Outcome], model_id: str, max_attempts: int) -> int:
+        """Write one batch of outcomes in one transaction; return how many were written.
+
+        An outcome for a file that changed (or was removed) while it was being processed is
+        dropped: the row is pending again with the new size and mtime and will be redone.
+        """
+        written = 0
+        now = _now()
+        with self.engine.begin() as conn:
+            for outcome in outcomes:
+                job = outcome.job
+                current = (
+                    (Photo.id == job.photo_id)
+                    & (Photo.size == job.size)
+                    & (Photo.mtime == job.mtime)
+                    & (Photo.status == Status.PENDING)
+                )
+                if outcome.ok:
+                    values: dict[str, Any] = {
+                        "status": Status.TAGGED, "error": None, "model_id": model_id,
+                        "tagged_at": now, "retry_at": None,
+                    }  # fmt: skip
+                else:
+                    attempts = conn.scalar(select(Photo.attempts).where(current))
+                    if attempts is None:
+                        continue
+                    attempts += 1
+                    again = outcome.retry and attempts < max_attempts
+                    values = {
+                        "status": Status.PENDING if again else Status.FAILED,
+                        "error": outcome.error, "attempts": attempts, "tagged_at": now,
+                        "retry_at": now + RETRY_DELAY * attempts if again else None,
+                    }  # fmt: skip
+                if conn.execute(update(Photo).where(current).values(**values)).rowcount != 1:
+                    continue
+                written += 1
+                conn.execute(delete(Tag).where(Tag.photo_id == job.photo_id))
+                if outcome.tags:
+                    conn.execute(
+                        insert(Tag),
+                        [
+                            {"photo_id": job.photo_id, "label_set": t.label_set,
+                             "label": t.label, "score": t.score}
+                            for t in outcome.tags
+                        ],
+                    )  # fmt: skip
+        return written
+
+    def remove(self, path: str) -> int:
+        """Forget a deleted file, or every file under a deleted folder; return the count."""
+        prefix = path.rstrip(os.sep) + os.sep
+        with self.engine.begin() as conn:
+            result = conn.execute(
+                delete(Photo).where(
+                    (Photo.path == path) | Photo.path.startswith(prefix, autoescape=True)
+                )
+            )
+            return result.rowcount
+
+    # -- queries --------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        """How many photos are in each status (every status present, zero or not)."""
+        counts = {status.value: 0 for status in Status}
+        with self.engine.connect() as conn:
+            for status, count in conn.execute(
+                select(Photo.status, func.count()).group_by(Photo.status)
+            ):
+                counts[status] = count
+        return counts
+
+    def query(
+        self, label: str, label_set: str | None = None, min_score: float | None = None
+    ) -> list[TagRow]:
+        """Photos carrying `label`, best score first."""
+        stmt = (
+            select(Photo.path, Tag.label_set, Tag.label, Tag.score)
+            .join(Photo, Photo.id == Tag.photo_id)
+            .where(Tag.label == label, Photo.status == Status.TAGGED)
+            .order_by(Tag.score.desc(), Photo.path)
+        )
+        if label_set is not None:
+            stmt = stmt.where(Tag.label_set == label_set)
+        if min_score is not None:
+            stmt = stmt.where(Tag.score >= min_score)
+        with self.engine.connect() as conn:
+            return [TagRow(*row) for row in conn.execute(stmt)]
+
+    def tags_for(self, paths: Sequence[str]) -> list[TagRow]:
+        """The tags of the given photos, by path, then set, best score first."""
+        stmt = (
+            select(Photo.path, Tag.label_set, Tag.label, Tag.score)
+            .join(Photo, Photo.id == Tag.photo_id)
+            .where(Photo.path.in_(list(paths)), Photo.status == Status.TAGGED)
+            .order_by(Photo.path, Tag.label_set, Tag.score.desc())
+        )
+        with self.engine.connect() as conn:
+            return [TagRow(*row) for row in conn.execute(stmt)]
+
+    def photos(self, paths: Sequence[str]) -> dict[str, PhotoState]:
+        """What the database knows of each of `paths` (absent when it knows nothing)."""
+        stmt = select(Photo.path, Photo.status, Photo.error).where(Photo.path.in_(list(paths)))
+        with self.engine.connect() as conn:
+            return {row.path: PhotoState(*row) for row in conn.execute(stmt)}
+
+    def labels(self) -> list[LabelCount]:
+        """Every label in use with its number of photos, per set."""
+        stmt = (
+            select(Tag.label_set, Tag.label, func.count())
+            .group_by(Tag.label_set, Tag.label)
+            .order_by(Tag.label_set, func.count().desc(), Tag.label)
+        )
+        with self.engine.connect() as conn:
+            return [LabelCount(*row) for row in conn.execute(stmt)]
+
+    def failures(self, limit: int = 20) -> list[PhotoState]:
+        """The most recently failed photos with their reasons."""
+        stmt = (
+            select(Photo.path, Photo.status, Photo.error)
+            .where(Photo.status == Status.FAILED)
+            .order_by(Photo.tagged_at.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [PhotoState(*row) for row in conn.execute(stmt)]
+
+
+def _chunks(items: Iterable[FileStat], size: int) -> Iterator[list[FileStat]]:
+    chunk: list[FileStat] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

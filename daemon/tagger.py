@@ -1,0 +1,355 @@
+"""Embeddings and scoring: the only module that imports torch and open_clip.
+
+The zero-shot recipe of CLIP: each label's prompts are encoded once (and cached on disk), each
+photo is encoded once, and a label's score is the softmax of the scaled cosine similarities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import LabelSetConfig, Mode, ModelConfig
+from .jobs import TagScore
+
+log = logging.getLogger(__name__)
+
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
+
+# Prompts encoded per forward pass when embedding labels: enough to keep the text encoder
+# busy, few enough that a 1,000-label set does not need gigabytes at once.
+PROMPTS_PER_PASS = 256
+
+Template = str | Callable[[str], str]
+
+
+class ModelLoadError(Exception):
+    """The model cannot be loaded; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class LabelSetEmbedding:
+    """A label set ready for scoring: one unit column per label (and per negative)."""
+
+    name: str
+    mode: Mode
+    labels: tuple[str, ...]
+    weights: torch.Tensor  # [embed_dim, labels]
+    negatives: torch.Tensor | None  # [embed_dim, labels], multi mode only
+    threshold: float
+    top_k: int
+
+
+def resolve_device(spec: str) -> torch.device:
+    """`auto` is CUDA when torch sees a GPU, else the CPU."""
+    if spec == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"model.device is {spec!r} but torch sees no CUDA device: "
+            "set model.device: auto or cpu, or install a CUDA build of torch."
+        )
+    return torch.device(spec)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `precision` on `device`; None for plain float32."""
+    if precision == "fp16" or (precision == "auto" and device.type == "cuda"):
+        return torch.float16
+    if precision == "bf16":
+        return torch.bfloat16
+    return None
+
+
+def model_identity(cfg: ModelConfig) -> str:
+    """A string that changes whenever the weights could: architecture, tag or file, file state."""
+    parts = [cfg.name]
+    files: list[Path] = []
+    if cfg.name.startswith(LOCAL_DIR):
+        folder = Path(cfg.name[len(LOCAL_DIR) :])
+        files = [folder / name for name in WEIGHT_FILES if (folder / name).is_file()]
+    elif not cfg.name.startswith(HF_HUB):
+        parts.append(cfg.pretrained or "random")
+        if cfg.pretrained and Path(cfg.pretrained).is_file():
+            files = [Path(cfg.pretrained)]
+    for file in files:
+        st = file.stat()
+        parts.append(f"{file.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def set_prompts(spec: LabelSetConfig) -> tuple[list[list[str]], list[list[str]] | None]:
+    """Each label's prompts (and negative prompts for multi sets), rendered as text."""
+    templates = _templates(spec.templates)
+    negative_templates: list[Template] = (
+        list(spec.negative_templates)
+        if spec.negative_templates is not None
+        else [_negated(t) for t in templates]
+    )
+    positives, negatives = [], []
+    for label in spec.label_specs:
+        positives.append(list(label.prompts) if label.prompts else _render(templates, label.name))
+        negatives.append(
+            list(label.negative_prompts)
+            if label.negative_prompts
+            else _render(negative_templates, label.name)
+        )
+    return positives, (negatives if spec.mode is Mode.MULTI else None)
+
+
+def _templates(value: tuple[str, ...] | str) -> list[Template]:
+    if value == "openai":
+        return list(open_clip.OPENAI_IMAGENET_TEMPLATES)
+    if value == "simple":
+        return list(open_clip.SIMPLE_IMAGENET_TEMPLATES)
+    return list(value)
+
+
+def _negated(template: Template) -> Template:
+    if isinstance(template, str):
+        return template.replace("{}", "not {}")
+    return lambda c: template(f"not {c}")
+
+
+def _render(templates: Sequence[Template], label: str) -> list[str]:
+    return [t.replace("{}", label) if isinstance(t, str) else t(label) for t in templates]
+
+
+def score(
+    image_embeddings: torch.Tensor, sets: Sequence[LabelSetEmbedding], logit_scale: float
+) -> list[tuple[TagScore, ...]]:
+    """Each photo's kept tags: per set, the top labels whose probability reaches the threshold.
+
+    `single`: softmax over the set's labels. `multi`: each label on its own, softmax over the
+    label and its negative prompt, so a photo may carry several labels of the set.
+    """
+    image_embeddings = image_embeddings.float()
+    per_photo: list[list[TagScore]] = [[] for _ in range(image_embeddings.shape[0])]
+    for label_set in sets:
+        logits = logit_scale * image_embeddings @ label_set.weights
+        if label_set.mode is Mode.SINGLE:
+            probs = logits.softmax(dim=-1)
+        else:
+            assert label_set.negatives is not None
+            negative = logit_scale * image_embeddings @ label_set.negatives
+            probs = torch.stack([logits, negative], dim=-1).softmax(dim=-1)[..., 0]
+        k = min(label_set.top_k, len(label_set.labels))
+        top_probs, top_index = probs.topk(k, dim=-1)
+        for row, (values, indexes) in enumerate(
+            zip(top_probs.tolist(), top_index.tolist(), strict=True)
+        ):
+            for value, index in zip(values, indexes, strict=True):
+                if value >= label_set.threshold:
+                    per_photo[row].append(TagScore(label_set.name, label_set.labels[index], value))
+    return [tuple(tags) for tags in per_photo]
+
+
+class ClipTagger:
+    """An OpenCLIP model with its label sets, loaded by `load()`: encodes and scores photos."""
+
+    def __init__(
+        self,
+        model: ModelConfig,
+        label_sets: Mapping[str, LabelSetConfig],
+        cache_dir: Path,
+    ) -> None:
+        self.config = model
+        self.label_set_configs = dict(label_sets)
+        self.cache_dir = cache_dir
+        self.model_id = model_identity(model)
+        self.device = torch.device("cpu")
+        self.sets: list[LabelSetEmbedding] = []
+        self.logit_scale = 1.0
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._preprocess: Callable[[Any], torch.Tensor] | None = None
+        self._autocast: torch.dtype | None = None
+
+    # -- loading --------------------------------------------------------------------------
+
+    def load(self) -> None:
+        """Load the model and embed every label set (from the cache when unchanged)."""
+        self.device = resolve_device(self.config.device)
+        self._autocast = autocast_dtype(self.config.precision, self.device)
+        started = time.perf_counter()
+        log.info("Loading model %s on %s", self._describe(), self.device)
+        self._model, self._preprocess, self._tokenizer = self._load_model()
+        log.info("Model loaded in %.1f s", time.perf_counter() - started)
+        self.logit_scale = float(self._model.logit_scale.exp().item())
+        self.sets = [
+            self._embed_set(name, spec) for name, spec in self.label_set_configs.items()
+        ]
+
+    def _describe(self) -> str:
+        name, pretrained = self.config.name, self.config.pretrained
+        if name.startswith((LOCAL_DIR, HF_HUB)):
+            return name
+        return f"{name} ({pretrained or 'random weights'})"
+
+    def _load_model(self) -> tuple[Any, Callable[[Any], torch.Tensor], Any]:
+        name = self.config.name
+        if name.startswith(LOCAL_DIR):
+            self._check_local_dir(Path(name[len(LOCAL_DIR) :]))
+        pretrained = None if name.startswith((LOCAL_DIR, HF_HUB)) else self.config.pretrained
+        try:
+            model, _, preprocess = open_clip.create_model_and_transforms(
+                name, pretrained=pretrained, device=self.device
+            )
+            tokenizer = open_clip.get_tokenizer(name)
+        except Exception as exc:  # open_clip raises bare RuntimeError/ValueError/OSError
+            raise ModelLoadError(self._load_failure(exc)) from exc
+        model.eval()
+        return model, preprocess, tokenizer
+
+    def _check_local_dir(self, folder: Path) -> None:
+        if not (folder / "open_clip_config.json").is_file():
+            raise ModelLoadError(
+                f"model.name: {folder} has no open_clip_config.json; a local-dir: model folder "
+                "needs open_clip_config.json and open_clip_model.safetensors."
+            )
+        if not any((folder / weights).is_file() for weights in WEIGHT_FILES):
+            # open_clip would go on with random weights; tagging with them is worse than nothing.
+            raise ModelLoadError(
+                f"model.name: {folder} has no weights file (open_clip_model.safetensors)."
+            )
+
+    def _load_failure(self, exc: Exception) -> str:
+        text = " ".join(str(exc).split())
+        name = self.config.name
+        network = any(
+            word in text.lower()
+            for word in ("download", "connection", "offline", "resolve", "hub", "network")
+        )
+        if network and not name.startswith(LOCAL_DIR):
+            return (
+                f"The model {self._describe()} could not be fetched ({text}). Fetch it once on "
+                "a machine with network access (it is cached by huggingface_hub), or save it "
+                "to a folder with open_clip_config.json and open_clip_model.safetensors and "
+                "set model.name: local-dir:/path/to/folder."
+            )
+        return f"Cannot load the model {self._describe()}: {text}"
+
+    def _embed_set(self, name: str, spec: LabelSetConfig) -> LabelSetEmbedding:
+        positives, negatives = set_prompts(spec)
+        key = hashlib.sha256(
+            json.dumps(
+                {"model": self.model_id, "positives": positives, "negatives": negatives},
+                sort_keys=True,
+            ).encode()
+        ).hexdigest()[:32]
+        cache_file = self.cache_dir / "labels" / f"{key}.safetensors"
+        tensors = self._read_cache(cache_file)
+        if tensors is None:
+            started = time.perf_counter()
+            tensors = {"weights": self._embed_prompts(positives)}
+            if negatives is not None:
+                tensors["negatives"] = self._embed_prompts(negatives)
+            log.info(
+                "Embedded label set %s (%d labels, %d prompts) in %.1f s",
+                name, len(positives), sum(map(len, positives)) + sum(map(len, negatives or [])),
+                time.perf_counter() - started,
+            )  # fmt: skip
+            self._write_cache(cache_file, tensors)
+        else:
+            log.info("Label set %s loaded from the cache %s", name, cache_file)
+        return LabelSetEmbedding(
+            name=name,
+            mode=spec.mode,
+            labels=spec.label_names,
+            weights=tensors["weights"].to(self.device),
+            negatives=tensors["negatives"].to(self.device) if "negatives" in tensors else None,
+            threshold=spec.effective_threshold,
+            top_k=spec.effective_top_k,
+        )
+
+    def _embed_prompts(self, prompts: list[list[str]]) -> torch.Tensor:
+        """One unit column per label: the normalised mean of its prompts' embeddings.
+
+        Labels sharing a number of prompts go to open_clip's build_zero_shot_classifier
+        together; each prompt is handed over as a constant "template" for its label.
+        """
+        columns: list[torch.Tensor | None] = [None] * len(prompts)
+        by_count: dict[int, list[int]] = {}
+        for index, label_prompts in enumerate(prompts):
+            by_count.setdefault(len(label_prompts), []).append(index)
+        for count, indexes in by_count.items():
+            # build_zero_shot_classifier renders template(classname); the classname here is
+            # the label's index, so each template picks that label's own prompt.
+            templates = [_pick(prompts, position) for position in range(count)]
+            with self._autocast_context():
+                weights = open_clip.build_zero_shot_classifier(
+                    self._model,
+                    self._tokenizer,
+                    classnames=[str(i) for i in indexes],
+                    templates=templates,
+                    num_classes_per_batch=max(1, PROMPTS_PER_PASS // count),
+                    device=self.device,
+                )
+            for column, index in enumerate(indexes):
+                columns[index] = weights[:, column].float()
+        return torch.stack([c for c in columns if c is not None], dim=1).cpu().contiguous()
+
+    def _read_cache(self, path: Path) -> dict[str, torch.Tensor] | None:
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)
+        except Exception as exc:  # a torn or corrupt cache file is only a cache miss
+            log.warning("Ignoring the unreadable label cache %s (%s)", path, exc)
+            return None
+
+    def _write_cache(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(".partial")
+            save_file(tensors, partial)
+            partial.replace(path)  # atomic: a reader never sees half a file
+        except OSError as exc:
+            log.warning("Cannot cache label embeddings in %s (%s)", path.parent, exc)
+
+    # -- tagging --------------------------------------------------------------------------
+
+    @property
+    def image_size(self) -> int:
+        """The short side, in pixels, that the model's preprocessing resizes photos to."""
+        size = self._model.visual.image_size
+        return int(min(size) if isinstance(size, tuple | list) else size)
+
+    def preprocess(self, image: Any) -> torch.Tensor:
+        assert self._preprocess is not None, "load() first"
+        return self._preprocess(image)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embeddings of a batch of preprocessed photos, as float32."""
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode(), self._autocast_context():
+            embeddings = self._model.encode_image(pixels, normalize=True)
+        return embeddings.float()
+
+    def tag(self, pixels: torch.Tensor) -> list[tuple[TagScore, ...]]:
+        """The kept tags of each photo in a batch."""
+        with torch.inference_mode():
+            return score(self.encode(pixels), self.sets, self.logit_scale)
+
+    def _autocast_context(self) -> contextlib.AbstractContextManager[Any]:
+        if self._autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._autocast)
+
+
+def _pick(prompts: list[list[str]], position: int) -> Callable[[str], str]:
+    return lambda index: prompts[int(index)][position]

@@ -1,0 +1,177 @@
+"""Watching folders: turns file-system events into complete photos ready to tag.
+
+A photo is handed on once it is complete: when the writer closes it, when it is renamed into
+place (rsync, browsers), or when its size and mtime have not changed for the settle time (files
+moved in or written by another host give no close event). Events are hints, not a ledger: the
+catch-up scan at start finds whatever happened while nobody was watching.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+from watchdog.observers import Observer
+
+from .jobs import FileStat
+from .scanner import PathFilter
+
+log = logging.getLogger(__name__)
+
+# How often files waiting to settle are looked at again.
+TICK_SECONDS = 0.2
+
+
+class Watcher:
+    """Watches `roots` recursively and calls back with complete photos and removed paths."""
+
+    def __init__(
+        self,
+        roots: list[Path],
+        path_filter: PathFilter,
+        settle_seconds: float,
+        on_ready: Callable[[FileStat], None],
+        on_removed: Callable[[str], None],
+        on_folder: Callable[[str], None],
+    ) -> None:
+        self.roots = roots
+        self.filter = path_filter
+        self.settle_seconds = settle_seconds
+        self.on_ready = on_ready
+        self.on_removed = on_removed
+        self.on_folder = on_folder
+        self._observer = Observer()
+        # path -> (size, mtime, when that state was first seen)
+        self._settling: dict[str, tuple[int, float, float]] = {}
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="settle", daemon=True)
+
+    def start(self) -> None:
+        handler = _Handler(self)
+        for root in self.roots:
+            self._observer.schedule(handler, str(root), recursive=True)
+        self._observer.start()
+        self._ticker.start()
+        log.info("Watching %s", ", ".join(str(root) for root in self.roots))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._observer.stop()
+        self._observer.join(timeout=10)
+        if self._ticker.is_alive():
+            self._ticker.join(timeout=5)
+
+    @property
+    def alive(self) -> bool:
+        return self._observer.is_alive()
+
+    # -- called from the observer thread ----------------------------------------------------
+
+    def changed(self, path: str) -> None:
+        """A photo was created or written to: wait until it is complete."""
+        if not self.filter.wanted(path):
+            return
+        try:
+            stat = FileStat.of(path)
+        except OSError:
+            return
+        with self._lock:
+            previous = self._settling.get(path)
+            if previous is None or previous[:2] != (stat.size, stat.mtime):
+                self._settling[path] = (stat.size, stat.mtime, time.monotonic())
+
+    def complete(self, path: str) -> None:
+        """A photo was closed after writing or renamed into place: ready now."""
+        with self._lock:
+            self._settling.pop(path, None)
+        if not self.filter.wanted(path):
+            return
+        try:
+            stat = FileStat.of(path)
+        except OSError:
+            return
+        self.on_ready(stat)
+
+    def removed(self, path: str) -> None:
+        with self._lock:
+            prefix = path.rstrip(os.sep) + os.sep
+            for waiting in [p for p in self._settling if p == path or p.startswith(prefix)]:
+                del self._settling[waiting]
+        self.on_removed(path)
+
+    def folder_appeared(self, path: str) -> None:
+        if self.filter.root_of(path) is not None:
+            self.on_folder(path)
+
+    # -- the settle ticker ------------------------------------------------------------------
+
+    def _tick(self) -> None:
+        while not self._stopping.wait(TICK_SECONDS):
+            now = time.monotonic()
+            with self._lock:
+                due = [
+                    (path, size, mtime)
+                    for path, (size, mtime, since) in self._settling.items()
+                    if now - since >= self.settle_seconds
+                ]
+            for path, size, mtime in due:
+                try:
+                    stat = FileStat.of(path)
+                except OSError:
+                    with self._lock:
+                        self._settling.pop(path, None)
+                    continue
+                with self._lock:
+                    if self._settling.get(path, (None, None, None))[:2] != (size, mtime):
+                        continue  # written again meanwhile: a newer event reset it
+                    if (stat.size, stat.mtime) != (size, mtime):
+                        self._settling[path] = (stat.size, stat.mtime, now)
+                        continue
+                    del self._settling[path]
+                self.on_ready(stat)
+
+
+class _Handler(FileSystemEventHandler):
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        try:
+            self._dispatch(event)
+        except Exception:  # one odd event must not stop the observer thread
+            log.exception("Error handling %s", event)
+
+    def _dispatch(self, event: FileSystemEvent) -> None:
+        watcher = self.watcher
+        src = os.fsdecode(event.src_path)
+        if isinstance(event, FileClosedEvent):
+            watcher.complete(src)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            watcher.changed(src)
+        elif isinstance(event, FileMovedEvent):
+            watcher.removed(src)
+            watcher.complete(os.fsdecode(event.dest_path))
+        elif isinstance(event, FileDeletedEvent | DirDeletedEvent):
+            watcher.removed(src)
+        elif isinstance(event, DirMovedEvent):
+            watcher.removed(src)
+            watcher.folder_appeared(os.fsdecode(event.dest_path))
+        elif isinstance(event, DirCreatedEvent):
+            watcher.folder_appeared(src)

@@ -1,0 +1,325 @@
+"""The worker process: owns the model, decodes photos in threads, tags them in batches.
+
+The parent (the pipeline) talks to it through two queues: jobs in, messages out. The worker
+never touches the database; the parent stays its only writer.
+
+Inside the worker, decode threads turn jobs into preprocessed tensors while the model runs on
+the previous batch; the model loop takes a batch when it is full, or when its first photo has
+waited `max_wait_seconds`, so a lone photo is tagged at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.context import SpawnProcess
+from typing import Any
+
+from .config import Config
+from .jobs import Job, Outcome
+
+log = logging.getLogger(__name__)
+
+
+class WorkerError(Exception):
+    """The worker process could not start, or died."""
+
+
+class ModelUnavailable(WorkerError):
+    """The worker could not load the model: a problem of config or files, not of chance."""
+
+
+@dataclass(frozen=True)
+class Ready:
+    model_id: str
+    device: str
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Fatal:
+    message: str
+    model: bool  # the model could not be loaded (retrying will not help)
+
+
+@dataclass(frozen=True)
+class Batch:
+    outcomes: tuple[Outcome, ...]
+
+
+Message = Ready | Fatal | Batch
+
+
+class Worker:
+    """The parent's handle on the worker process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._ctx = mp.get_context("spawn")  # never fork a process that holds threads
+        self._jobs: Any = None
+        self._messages: Any = None
+        self._stop: Any = None
+        self._process: SpawnProcess | None = None
+        self.ready: Ready | None = None
+
+    def start(self, timeout: float = 600.0) -> Ready:
+        """Start the process and wait until its model and label sets are loaded."""
+        self._jobs = self._ctx.Queue()
+        self._messages = self._ctx.Queue()
+        self._stop = self._ctx.Event()
+        self._process = self._ctx.Process(
+            target=worker_main,
+            args=(self.config, self._jobs, self._messages, self._stop, _log_level()),
+            name="cliptagd-worker",
+            daemon=True,
+        )
+        self._process.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            message = self._get(timeout=0.5)
+            if isinstance(message, Ready):
+                self.ready = message
+                return message
+            if isinstance(message, Fatal):
+                self._process.join(timeout=5)
+                raise (ModelUnavailable if message.model else WorkerError)(message.message)
+        self.kill()
+        raise WorkerError(f"The worker did not load the model within {timeout:.0f} s.")
+
+    @property
+    def alive(self) -> bool:
+        return self._process is not None and self._process.is_alive()
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def submit(self, job: Job) -> None:
+        self._jobs.put(job)
+
+    def outcomes(self, timeout: float) -> list[Outcome]:
+        """The outcomes of one finished batch, or [] when none came within `timeout`."""
+        message = self._get(timeout)
+        if isinstance(message, Batch):
+            return list(message.outcomes)
+        if isinstance(message, Fatal):
+            raise WorkerError(message.message)
+        return []
+
+    def _get(self, timeout: float) -> Message | None:
+        try:
+            message: Message = self._messages.get(timeout=timeout)
+            return message
+        except queue.Empty:
+            if not self.alive:
+                # The last messages may still be in the pipe when the process is gone.
+                try:
+                    late: Message = self._messages.get(timeout=0.1)
+                    return late
+                except queue.Empty:
+                    pass
+                code = self._process.exitcode if self._process else None
+                raise WorkerError(f"The worker process died (exit code {code}).") from None
+            return None
+
+    def stop(self, grace: float) -> list[Outcome]:
+        """Ask the worker to finish its batch in flight and exit; return what it finished."""
+        finished: list[Outcome] = []
+        if self._process is None:
+            return finished
+        self._stop.set()
+        deadline = time.monotonic() + grace
+        while self.alive and time.monotonic() < deadline:
+            try:
+                finished.extend(self.outcomes(timeout=0.1))
+            except WorkerError:
+                break
+        while True:  # what it sent just before exiting
+            try:
+                message = self._messages.get(timeout=0.05)
+            except (queue.Empty, OSError, ValueError):
+                break
+            if isinstance(message, Batch):
+                finished.extend(message.outcomes)
+        self.kill()
+        return finished
+
+    def kill(self) -> None:
+        """End the process now (its unfinished jobs stay pending in the database)."""
+        if self._process is None:
+            return
+        if self._process.is_alive():
+            self._process.terminate()
+            self._process.join(timeout=5)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout=5)
+        for q in (self._jobs, self._messages):
+            # Jobs never taken must not keep this process waiting at exit.
+            q.cancel_join_thread()
+            q.close()
+        self._process = None
+
+
+def _log_level() -> int:
+    return logging.getLogger().getEffectiveLevel()
+
+
+# -- inside the worker process ---------------------------------------------------------------
+
+
+def worker_main(config: Config, jobs: Any, messages: Any, stop: Any, log_level: int) -> None:
+    """Entry point of the worker process."""
+    logging.basicConfig(
+        level=log_level, format="%(levelname)s %(name)s[worker]: %(message)s", force=True
+    )
+    # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        loop = _ModelLoop(config, jobs, messages, stop)
+    except Exception as exc:
+        from .tagger import ModelLoadError
+
+        if isinstance(exc, ModelLoadError):
+            messages.put(Fatal(str(exc), model=True))
+        else:
+            log.exception("The worker failed to start")
+            messages.put(Fatal(f"The worker failed to start: {exc}", model=False))
+        return
+    loop.run()
+
+
+class _ModelLoop:
+    def __init__(self, config: Config, jobs: Any, messages: Any, stop: Any) -> None:
+        import torch
+
+        from .decode import register_heif
+        from .tagger import ClipTagger
+
+        self.config = config.worker
+        self.jobs, self.messages, self.stop = jobs, messages, stop
+        cores = os.cpu_count() or 1
+        if self.config.torch_threads != "auto":
+            torch.set_num_threads(self.config.torch_threads)
+        self.decode_threads = (
+            self.config.decode_threads
+            if self.config.decode_threads != "auto"
+            else max(1, cores - 1)
+        )
+        register_heif()
+        self.tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
+        self.tagger.load()
+        self.min_side = self.tagger.image_size
+        # Decoded photos waiting for the model: two batches' worth keeps the model fed while
+        # bounding memory (a preprocessed ViT-B-32 photo is 0.6 MB).
+        self.room = threading.Semaphore(2 * self.config.batch_size + self.decode_threads)
+        self.decoded: queue.Queue[Outcome | tuple[Job, Any]] = queue.Queue()
+        self.intake_done = threading.Event()
+        self.pending = 0
+        self.pending_lock = threading.Lock()
+        messages.put(
+            Ready(self.tagger.model_id, str(self.tagger.device), self.config.batch_size)
+        )
+
+    def run(self) -> None:
+        pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        feeder = threading.Thread(target=self._feed, args=(pool,), name="feed", daemon=True)
+        feeder.start()
+        try:
+            while not self.stop.is_set():
+                batch = self._next_batch()
+                if batch is None:
+                    if self.intake_done.is_set() and self._idle():
+                        break
+                    continue
+                self._process(batch)
+        finally:
+            self.stop.set()
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _feed(self, pool: ThreadPoolExecutor) -> None:
+        while not self.stop.is_set():
+            if not self.room.acquire(timeout=0.2):
+                continue
+            try:
+                job = self.jobs.get(timeout=0.2)
+            except queue.Empty:
+                self.room.release()
+                continue
+            except (EOFError, OSError):  # the parent is gone
+                self.room.release()
+                break
+            if job is None:
+                self.room.release()
+                break
+            with self.pending_lock:
+                self.pending += 1
+            pool.submit(self._decode, job)
+        self.intake_done.set()
+
+    def _idle(self) -> bool:
+        with self.pending_lock:
+            return self.pending == 0
+
+    def _decode(self, job: Job) -> None:
+        from .decode import UnreadableImage, open_rgb
+
+        try:
+            image = open_rgb(job.path, self.min_side, self.config.max_pixels)
+            item: Outcome | tuple[Job, Any] = (job, self.tagger.preprocess(image))
+        except UnreadableImage as exc:
+            item = Outcome(job, error=str(exc), retry=exc.retry)
+        except Exception as exc:  # a decoder bug must cost one photo, not the worker
+            log.exception("Unexpected error decoding %s", job.path)
+            item = Outcome(job, error=f"cannot decode ({type(exc).__name__}: {exc})")
+        self.decoded.put(item)
+
+    def _next_batch(self) -> list[Outcome | tuple[Job, Any]] | None:
+        try:
+            first = self.decoded.get(timeout=0.2)
+        except queue.Empty:
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self.config.max_wait_seconds
+        while len(batch) < self.config.batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                item = (
+                    self.decoded.get(timeout=remaining)
+                    if remaining > 0
+                    else self.decoded.get_nowait()
+                )
+            except queue.Empty:
+                break
+            batch.append(item)
+        return batch
+
+    def _process(self, batch: list[Outcome | tuple[Job, Any]]) -> None:
+        import torch
+
+        outcomes = [item for item in batch if isinstance(item, Outcome)]
+        decoded = [item for item in batch if not isinstance(item, Outcome)]
+        if decoded:
+            try:
+                pixels = torch.stack([tensor for _, tensor in decoded])
+                for (job, _), tags in zip(decoded, self.tagger.tag(pixels), strict=True):
+                    outcomes.append(Outcome(job, tags=tags))
+            except Exception as exc:  # e.g. CUDA out of memory: fail the batch, keep running
+                log.exception("The model failed on a batch of %d photos", len(decoded))
+                outcomes.extend(
+                    Outcome(job, error=f"model error ({type(exc).__name__}: {exc})", retry=True)
+                    for job, _ in decoded
+                )
+        self.messages.put(Batch(tuple(outcomes)))
+        with self.pending_lock:
+            self.pending -= len(batch)
+        for _ in batch:
+            self.room.release()

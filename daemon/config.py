@@ -80,9 +80,7 @@ class ModelConfig(_Frozen):
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:
-        if value in ("auto", "cpu", "cuda") or (
-            value.startswith("cuda:") and value[5:].isdigit()
-        ):
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
         raise ValueError("must be auto, cpu, cuda or cuda:N")
 
@@ -237,9 +235,7 @@ def _describe(path: Path, exc: ValidationError) -> str:
     for error in exc.errors():
         # pydantic reports which member of a union failed (e.g. "str" or "LabelSpec");
         # those are type names, not keys the user wrote, so drop them.
-        parts = [
-            str(p) for p in error["loc"] if not (isinstance(p, str) and p[:1].isupper())
-        ]
+        parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and p[:1].isupper())]
         parts = [p for p in parts if p not in ("str", "int", "literal['auto']", "tuple[str, ...]")]
         key = ".".join(parts) or "(top level)"
         message = error["msg"]

@@ -1,7 +1,8 @@
 """The tables of the tag database (SQLAlchemy 2.0 typed models).
 
 The schema is meant to be read without cliptagd too: `photos`, `tags`, and the view
-`photo_tags` (path, label_set, label, score, tagged_at; made by the first migration) for sqlite3, Datasette or pandas.
+`photo_tags` (path, label_set, label, score, tagged_at of tagged photos; made by the first
+migration) for sqlite3, Datasette or pandas.
 """
 
 from __future__ import annotations
@@ -72,5 +73,3 @@ class Tag(Base):
         # `query --tag` looks up by label (and set), then orders by score.
         Index("ix_tags_label_set_score", "label", "label_set", "score"),
     )
-
-

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ class Pipeline:
         self.intake: queue.Queue[FileStat | Removed] = queue.Queue(maxsize=INTAKE_LIMIT)
         self.in_flight: dict[int, Job] = {}
         self._claim_needed = True
-        self.lock = threading.Lock()
+        self.queued = 0  # photos that became pending through this pipeline
 
     # -- intake (any thread) ----------------------------------------------------------------
 
@@ -92,11 +91,7 @@ class Pipeline:
 
     def idle(self) -> bool:
         """Nothing waiting in intake, at the worker, or pending in the database."""
-        return (
-            self.intake.empty()
-            and not self.in_flight
-            and self.store.counts()["pending"] == 0
-        )
+        return self.intake.empty() and not self.in_flight and self.store.counts()["pending"] == 0
 
     def save_finished(self, outcomes: Sequence[Outcome]) -> None:
         """Save outcomes that arrived outside step() (at shutdown)."""
@@ -128,7 +123,9 @@ class Pipeline:
             self._enqueue(stats)
 
     def _enqueue(self, stats: list[FileStat]) -> None:
-        if self.store.enqueue(stats):
+        queued = self.store.enqueue(stats)
+        if queued:
+            self.queued += queued
             self._claim_needed = True
 
     def _dispatch(self) -> None:
@@ -147,7 +144,10 @@ class Pipeline:
         for outcome in outcomes:
             self.in_flight.pop(outcome.job.photo_id, None)
             if outcome.error is not None:
-                log.warning("Skipping %s: %s", outcome.job.path, outcome.error)
+                if outcome.retry:
+                    log.info("Will retry %s: %s", outcome.job.path, outcome.error)
+                else:
+                    log.warning("Skipping %s: %s", outcome.job.path, outcome.error)
         self._claim_needed = True
         if self.on_outcomes is not None:
             self.on_outcomes(outcomes)

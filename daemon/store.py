@@ -169,8 +169,11 @@ class Store:
                 current = self._current_revision(conn)
                 self._check_not_newer(script, current)
                 if current != script.get_current_head():
-                    log.info("Migrating the database %s to schema %s", self._where(),
-                             script.get_current_head())
+                    log.info(
+                        "Migrating the database %s to schema %s",
+                        self._where(),
+                        script.get_current_head(),
+                    )
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
         except OperationalError as exc:

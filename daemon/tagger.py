@@ -189,9 +189,7 @@ class ClipTagger:
         self._model, self._preprocess, self._tokenizer = self._load_model()
         log.info("Model loaded in %.1f s", time.perf_counter() - started)
         self.logit_scale = float(self._model.logit_scale.exp().item())
-        self.sets = [
-            self._embed_set(name, spec) for name, spec in self.label_set_configs.items()
-        ]
+        self.sets = [self._embed_set(name, spec) for name, spec in self.label_set_configs.items()]
 
     def _describe(self) -> str:
         name, pretrained = self.config.name, self.config.pretrained
@@ -330,14 +328,15 @@ class ClipTagger:
 
     def preprocess(self, image: Any) -> torch.Tensor:
         assert self._preprocess is not None, "load() first"
-        return self._preprocess(image)
+        pixels: torch.Tensor = self._preprocess(image)
+        return pixels
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of a batch of preprocessed photos, as float32."""
         if self.device.type == "cuda":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast_context():
-            embeddings = self._model.encode_image(pixels, normalize=True)
+            embeddings: torch.Tensor = self._model.encode_image(pixels, normalize=True)
         return embeddings.float()
 
     def tag(self, pixels: torch.Tensor) -> list[tuple[TagScore, ...]]:

@@ -169,7 +169,7 @@ class Worker:
 
 
 def _log_level() -> int:
-    return logging.getLogger().getEffectiveLevel()
+    return logging.getLogger("daemon").getEffectiveLevel()
 
 
 # -- inside the worker process ---------------------------------------------------------------
@@ -178,8 +178,11 @@ def _log_level() -> int:
 def worker_main(config: Config, jobs: Any, messages: Any, stop: Any, log_level: int) -> None:
     """Entry point of the worker process."""
     logging.basicConfig(
-        level=log_level, format="%(levelname)s %(name)s[worker]: %(message)s", force=True
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s",
+        force=True,
     )
+    logging.getLogger("daemon").setLevel(log_level)
     # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -225,9 +228,7 @@ class _ModelLoop:
         self.intake_done = threading.Event()
         self.pending = 0
         self.pending_lock = threading.Lock()
-        messages.put(
-            Ready(self.tagger.model_id, str(self.tagger.device), self.config.batch_size)
-        )
+        messages.put(Ready(self.tagger.model_id, str(self.tagger.device), self.config.batch_size))
 
     def run(self) -> None:
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")

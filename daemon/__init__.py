@@ -1,0 +1,1 @@
+"""cliptagd: a folder-watching photo auto-tagging daemon (OpenCLIP, zero-shot, SQLite)."""

@@ -1,0 +1,302 @@
+"""The command line: `cliptagd run|scan|query|tags|labels|status`.
+
+The edge of the program: named errors from below become one clear sentence and an exit code
+here, and nowhere else. The query commands never import torch, so they answer at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .config import Config, ConfigError, find_config, load_config
+from .store import Store, StoreError, TagRow
+
+# Exit codes. 78 is EX_CONFIG from sysexits.h: the systemd unit does not restart on it, since
+# a restart cannot fix a config.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 78
+
+FORMATS = ("table", "json", "csv", "paths")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def config_option(func: F) -> F:
+    return click.option(
+        "-c",
+        "--config",
+        "config_path",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="Config file (default: $CLIPTAGD_CONFIG, ~/.config/cliptagd/config.yaml, "
+        "/etc/cliptagd/config.yaml).",
+    )(func)
+
+
+def format_option(func: F) -> F:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(FORMATS),
+        default="table",
+        show_default=True,
+        help="table for people; json, csv or paths (one absolute path a line) for programs.",
+    )(func)
+
+
+class Failure(click.ClickException):
+    """A clean one-sentence failure with a chosen exit code."""
+
+    def __init__(self, message: str, exit_code: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code  # type: ignore[misc]  # click declares it on the class
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"cliptagd: {self.format_message()}", err=True)
+
+
+def _load(config_path: Path | None) -> Config:
+    try:
+        return load_config(find_config(config_path))
+    except ConfigError as exc:
+        raise Failure(str(exc), EXIT_CONFIG) from None
+
+
+def _setup_logging(config: Config | None, verbose: bool = False) -> None:
+    level = (
+        logging.DEBUG
+        if verbose
+        else getattr(logging, (config.log_level if config else "info").upper())
+    )
+    # Our own messages at the chosen level; libraries (open_clip, alembic) only when they warn.
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+    logging.getLogger("daemon").setLevel(level)
+
+
+def _open_readonly(config: Config) -> Store:
+    try:
+        store = Store(config.database.url, readonly=True)
+        store.check_schema()
+    except StoreError as exc:
+        raise Failure(str(exc)) from None
+    return store
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="cliptagd")
+def cli() -> None:
+    """Tag the photos in watched folders with OpenCLIP, zero-shot, into a SQLite database.
+
+    \b
+    Example:
+      cliptagd run -c config.yaml
+      cliptagd query -c config.yaml --tag beach
+    """
+
+
+@cli.command()
+@config_option
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def run(config_path: Path | None, verbose: bool) -> None:
+    """Run the daemon in the foreground: catch up, then tag new photos as they arrive.
+
+    Stops cleanly on SIGTERM or Ctrl-C. This is what the systemd unit runs.
+
+    \b
+    Example:
+      cliptagd run -c /etc/cliptagd/config.yaml
+    """
+    from .service import StartupError, run_daemon
+
+    config = _load(config_path)
+    _setup_logging(config, verbose)
+    try:
+        code = run_daemon(config)
+    except (StartupError, StoreError) as exc:
+        raise Failure(str(exc)) from None
+    sys.exit(code)
+
+
+@cli.command()
+@config_option
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
+def scan(
+    config_path: Path | None, paths: tuple[Path, ...], verbose: bool, no_progress: bool
+) -> None:
+    """Tag every photo under PATHS (default: the watched folders) not tagged yet, then exit.
+
+    \b
+    Example:
+      cliptagd scan -c config.yaml ~/Pictures/2024
+    """
+    from .service import StartupError, run_scan
+
+    config = _load(config_path)
+    _setup_logging(config, verbose)
+    try:
+        code = run_scan(config, [p.expanduser().resolve() for p in paths], not no_progress)
+    except (StartupError, StoreError) as exc:
+        raise Failure(str(exc)) from None
+    sys.exit(code)
+
+
+@cli.command()
+@config_option
+@click.option("--tag", "label", required=True, help="The label to look for.")
+@click.option("--set", "label_set", help="Only in this label set.")
+@click.option("--min-score", type=click.FloatRange(0, 1), help="Only tags scored at least this.")
+@format_option
+def query(
+    config_path: Path | None, label: str, label_set: str | None, min_score: float | None, fmt: str
+) -> None:
+    """List the photos tagged LABEL, best score first.
+
+    \b
+    Example:
+      cliptagd query -c config.yaml --tag beach --min-score 0.5 --format paths
+    """
+    config = _load(config_path)
+    store = _open_readonly(config)
+    _print_tags(store.query(label, label_set, min_score), fmt)
+
+
+@cli.command()
+@config_option
+@click.argument("photos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@format_option
+def tags(config_path: Path | None, photos: tuple[Path, ...], fmt: str) -> None:
+    """Show the tags of PHOTOS with their scores.
+
+    \b
+    Example:
+      cliptagd tags -c config.yaml ~/Pictures/beach.jpg
+    """
+    config = _load(config_path)
+    store = _open_readonly(config)
+    paths = [os.path.abspath(p.expanduser()) for p in photos]
+    known = store.photos(paths)
+    for path in paths:
+        state = known.get(path)
+        if state is None:
+            click.echo(f"cliptagd: {path}: not in the database", err=True)
+        elif state.status == "failed":
+            click.echo(f"cliptagd: {path}: failed ({state.error})", err=True)
+        elif state.status == "pending":
+            click.echo(f"cliptagd: {path}: not tagged yet", err=True)
+    _print_tags(store.tags_for(paths), fmt)
+
+
+@cli.command()
+@config_option
+@format_option
+def labels(config_path: Path | None, fmt: str) -> None:
+    """List every label in use with its number of photos.
+
+    \b
+    Example:
+      cliptagd labels -c config.yaml --format csv
+    """
+    config = _load(config_path)
+    store = _open_readonly(config)
+    rows = [
+        {"set": row.label_set, "label": row.label, "count": row.count} for row in store.labels()
+    ]
+    _print(rows, ["set", "label", "count"], fmt, path_key=None)
+
+
+@cli.command()
+@config_option
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table for people, json for programs.",
+)
+def status(config_path: Path | None, fmt: str) -> None:
+    """Show how many photos are pending, tagged and failed, and the latest failures.
+
+    \b
+    Example:
+      cliptagd status -c config.yaml --format json
+    """
+    config = _load(config_path)
+    store = _open_readonly(config)
+    counts = store.counts()
+    failures = store.failures()
+    if fmt == "json":
+        body = {**counts, "failures": [asdict(f) for f in failures]}
+        click.echo(json.dumps(body, indent=2))
+        return
+    for key in ("pending", "tagged", "failed"):
+        click.echo(f"{key:>8}: {counts[key]}")
+    if failures:
+        click.echo("\nLatest failures:")
+        for failure in failures:
+            click.echo(f"  {failure.path}: {failure.error}")
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def _print_tags(rows: Sequence[TagRow], fmt: str) -> None:
+    records = [
+        {"path": r.path, "set": r.label_set, "label": r.label, "score": round(r.score, 4)}
+        for r in rows
+    ]
+    _print(records, ["path", "set", "label", "score"], fmt, path_key="path")
+
+
+def _print(rows: list[dict[str, Any]], columns: list[str], fmt: str, path_key: str | None) -> None:
+    if fmt == "json":
+        click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
+    elif fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        click.echo(buffer.getvalue(), nl=False)
+    elif fmt == "paths":
+        if path_key is None:
+            raise Failure("--format paths lists photos; this command lists no photos")
+        seen: dict[str, None] = {}
+        for row in rows:
+            seen.setdefault(row[path_key], None)
+        for path in seen:
+            click.echo(path)
+    elif rows:
+        from tabulate import tabulate
+
+        click.echo(tabulate([[row[c] for c in columns] for row in rows], headers=columns))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `cliptagd` console script; returns the exit code."""
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="cliptagd")
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else EXIT_ERROR
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -68,11 +68,14 @@ def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Im
             raise UnreadableImage("the file is empty", retry=True) from None
         raise UnreadableImage("not a picture Pillow can read") from None
     except Image.DecompressionBombError as exc:
-        raise UnreadableImage(str(exc)) from None
+        # Pillow refuses pictures over twice its own limit as it opens them, before the check
+        # above sees the header: the same refusal, so name the same setting.
+        raise UnreadableImage(f"{exc} (worker.max_pixels is {max_pixels})") from None
     except OSError as exc:
         message = str(exc)
-        # Pillow's words for a file that ends too soon: perhaps still being copied.
-        truncated = "truncated" in message or "broken data stream" in message
+        # Pillow's words for a file that ends too soon: perhaps still being copied. A JPEG cut
+        # inside its header says "Truncated File Read", with a capital.
+        truncated = "truncated" in message.lower() or "broken data stream" in message
         raise UnreadableImage(
             f"the file is cut short ({message})" if truncated else f"cannot decode ({message})",
             retry=truncated,

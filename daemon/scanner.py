@@ -39,10 +39,17 @@ class PathFilter:
         path = os.path.abspath(path)
         if not self.wanted_name(os.path.basename(path)):
             return False
+        if path in self.roots:  # a file given as a root: `cliptagd scan photo.jpg`
+            return True
+        return self.wanted_folder(os.path.dirname(path))
+
+    def wanted_folder(self, path: str) -> bool:
+        """A folder path: under a root, with no hidden or excluded folder from the root down."""
+        path = os.path.abspath(path)
         root = self.root_of(path)
         if root is None:
             return False
-        folders = os.path.relpath(os.path.dirname(path), root).split(os.sep)
+        folders = os.path.relpath(path, root).split(os.sep)
         return all(self.wanted_dir(name) for name in folders if name != ".")
 
     def root_of(self, path: str) -> str | None:
@@ -62,6 +69,10 @@ def walk(top: str | os.PathLike[str], path_filter: PathFilter) -> Iterator[FileS
     if os.path.isfile(top):
         if path_filter.wanted(top):
             yield from _stat(top)
+        return
+    # Folders are judged like files: an album moved into a hidden trash folder, say, must
+    # not come back under the trash's name when the watcher looks inside it.
+    if not path_filter.wanted_folder(top):
         return
 
     def on_error(error: OSError) -> None:

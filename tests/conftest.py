@@ -96,9 +96,7 @@ def no_leaks() -> Iterator[None]:
         child.kill()
     deadline = time.monotonic() + 5
     while time.monotonic() < deadline:
-        leaked = [
-            t for t in threading.enumerate() if t not in threads_before and t.is_alive()
-        ]
+        leaked = [t for t in threading.enumerate() if t not in threads_before and t.is_alive()]
         if not leaked:
             break
         time.sleep(0.05)

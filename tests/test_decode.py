@@ -1,0 +1,370 @@
+"""Decoding: every kind of file a camera, phone or browser leaves, to RGB or a clear reason."""
+
+from __future__ import annotations
+
+import io
+import random
+import struct
+import zlib
+from pathlib import Path
+
+import pytest
+from PIL import Image, features
+
+from daemon.decode import UnreadableImage, open_rgb, register_heif
+
+# The model's input side in these tests, and a pixel limit far above any picture made here.
+MIN_SIDE = 224
+NO_LIMIT = 10**9
+# Pillow's default limit, which is also the default of worker.max_pixels.
+DEFAULT_MAX_PIXELS = 178_956_970
+
+RED = (220, 30, 30)
+BLUE = (35, 45, 225)
+WHITE = (255, 255, 255)
+
+
+def close_to(pixel: object, expected: tuple[int, int, int], tolerance: int = 16) -> bool:
+    """JPEG is lossy: a colour comes back within a few levels of what was saved."""
+    assert isinstance(pixel, tuple) and len(pixel) == 3, pixel
+    return all(abs(int(a) - b) <= tolerance for a, b in zip(pixel, expected, strict=True))
+
+
+def decode(path: Path, min_side: int = MIN_SIDE, max_pixels: int = NO_LIMIT) -> Image.Image:
+    img = open_rgb(path, min_side, max_pixels)
+    assert img.mode == "RGB"
+    return img
+
+
+def refusal(path: Path, min_side: int = MIN_SIDE, max_pixels: int = NO_LIMIT) -> UnreadableImage:
+    with pytest.raises(UnreadableImage) as caught:
+        open_rgb(path, min_side, max_pixels)
+    return caught.value
+
+
+def noise(size: tuple[int, int], seed: int = 0) -> Image.Image:
+    """A picture that does not compress away, so a file cut short is missing real data."""
+    width, height = size
+    return Image.frombytes("RGB", size, random.Random(seed).randbytes(width * height * 3))
+
+
+def two_halves(size: tuple[int, int]) -> Image.Image:
+    """Left half red, right half blue."""
+    width, height = size
+    img = Image.new("RGB", size, RED)
+    img.paste(BLUE, (width // 2, 0, width, height))
+    return img
+
+
+def permissions_apply(folder: Path) -> bool:
+    """False for root (unless it dropped CAP_DAC_OVERRIDE): it reads files whatever their mode."""
+    probe = folder / "probe"
+    probe.write_bytes(b"")
+    probe.chmod(0)
+    try:
+        probe.open("rb").close()
+    except PermissionError:
+        return True
+    finally:
+        probe.chmod(0o600)
+        probe.unlink()
+    return False
+
+
+def png_declaring(tmp_path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims `width` x `height`: nothing that size is ever made."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4), RED).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    # The signature (8 bytes), then IHDR: length (4), type (4), 13 bytes of data, CRC (4);
+    # width and height are the first 8 bytes of the data, the CRC covers type and data.
+    assert data[12:16] == b"IHDR"
+    struct.pack_into(">II", data, 16, width, height)
+    struct.pack_into(">I", data, 29, zlib.crc32(bytes(data[12:29])))
+    path = tmp_path / "huge.png"
+    path.write_bytes(bytes(data))
+    return path
+
+
+# -- pictures that decode -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extension", ["jpg", "png", "webp", "bmp", "tif", "gif"])
+def test_common_formats_come_back_rgb(tmp_path: Path, extension: str) -> None:
+    if extension == "webp" and not features.check("webp"):
+        pytest.skip("this Pillow has no WebP support")
+    path = tmp_path / f"photo.{extension}"
+    Image.new("RGB", (64, 48), RED).save(path)
+
+    img = decode(path)
+
+    assert img.size == (64, 48)
+    assert close_to(img.getpixel((32, 24)), RED)
+
+
+def test_greyscale_jpeg_comes_back_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "grey.jpg"
+    Image.new("L", (32, 32), 100).save(path)
+
+    assert close_to(decode(path).getpixel((5, 5)), (100, 100, 100), tolerance=2)
+
+
+@pytest.mark.parametrize(
+    ("orientation", "top", "bottom"),
+    [(6, RED, BLUE), (8, BLUE, RED)],
+    ids=["rotate-90-clockwise", "rotate-90-anticlockwise"],
+)
+def test_exif_orientation_is_applied(
+    tmp_path: Path, orientation: int, top: tuple[int, int, int], bottom: tuple[int, int, int]
+) -> None:
+    # Stored landscape, left half red: shown turned a quarter clockwise (6) the left edge
+    # becomes the top; turned anticlockwise (8) it becomes the bottom.
+    path = tmp_path / "phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    two_halves((60, 40)).save(path, exif=exif)
+
+    img = decode(path)
+
+    assert img.size == (40, 60)
+    assert close_to(img.getpixel((20, 5)), top)
+    assert close_to(img.getpixel((20, 54)), bottom)
+
+
+def test_exif_orientation_is_applied_to_a_draft_decoded_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "big-phone.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    two_halves((2000, 1000)).save(path, exif=exif)
+
+    img = decode(path, min_side=100)
+
+    width, height = img.size
+    assert height == 2 * width and width < 1000, "reduced, and turned to portrait"
+    assert close_to(img.getpixel((width // 2, height // 8)), RED)
+    assert close_to(img.getpixel((width // 2, 7 * height // 8)), BLUE)
+
+
+@pytest.mark.parametrize("min_side", [224, 700, 3000])
+def test_large_jpeg_is_decoded_reduced_but_not_below_min_side(
+    tmp_path: Path, min_side: int
+) -> None:
+    path = tmp_path / "camera.jpg"
+    Image.new("RGB", (4000, 3000), BLUE).save(path)
+
+    img = decode(path, min_side=min_side)
+
+    width, height = img.size
+    assert min(width, height) >= min_side
+    assert width * 3 == height * 4, "aspect ratio kept"
+    if 2 * min_side <= 3000 // 2:
+        assert width < 4000, "draft mode should have decoded at a reduced scale"
+    assert close_to(img.getpixel((width // 2, height // 2)), BLUE)
+
+
+def test_cmyk_jpeg_comes_back_rgb(tmp_path: Path) -> None:
+    path = tmp_path / "print.jpg"
+    Image.new("CMYK", (50, 40), (0, 255, 255, 0)).save(path)  # full magenta and yellow: red
+    assert Image.open(path).mode == "CMYK"
+
+    assert close_to(decode(path).getpixel((25, 20)), (255, 0, 0))
+
+
+def test_16_bit_png_is_scaled_not_clipped_to_white(tmp_path: Path) -> None:
+    path = tmp_path / "scan.png"
+    img = Image.new("I;16", (256, 4))
+    img.putdata([x * 256 for x in range(256)] * 4)  # a ramp over the full 16-bit range
+    img.save(path)
+    assert Image.open(path).mode == "I;16"
+
+    rgb = decode(path)
+
+    assert rgb.getpixel((0, 0)) == (0, 0, 0)
+    assert close_to(rgb.getpixel((128, 1)), (128, 128, 128), tolerance=1)
+    assert close_to(rgb.getpixel((255, 1)), (255, 255, 255), tolerance=1)
+
+
+def test_palette_png_with_transparency_is_composited_on_white(tmp_path: Path) -> None:
+    path = tmp_path / "logo.png"
+    img = Image.new("P", (10, 10), 0)
+    img.putpalette([0, 0, 0, *RED] + [0] * (256 - 2) * 3)
+    img.paste(1, (0, 0, 5, 10))  # left half red, right half colour 0: transparent
+    img.save(path, transparency=0)
+    assert Image.open(path).mode == "P"
+
+    rgb = decode(path)
+
+    assert rgb.getpixel((2, 5)) == RED
+    assert rgb.getpixel((7, 5)) == WHITE, "transparent, not black"
+
+
+def test_rgba_png_is_composited_on_white(tmp_path: Path) -> None:
+    path = tmp_path / "sticker.png"
+    img = Image.new("RGBA", (30, 10), (0, 0, 0, 0))
+    img.paste((*RED, 255), (0, 0, 10, 10))
+    img.paste((0, 0, 255, 128), (10, 0, 20, 10))
+    img.save(path)
+
+    rgb = decode(path)
+
+    assert rgb.getpixel((5, 5)) == RED
+    assert close_to(rgb.getpixel((15, 5)), (127, 127, 255), tolerance=2), "half blue on white"
+    assert rgb.getpixel((25, 5)) == WHITE
+
+
+def test_animated_gif_gives_its_first_frame(tmp_path: Path) -> None:
+    path = tmp_path / "loop.gif"
+    first, second = Image.new("RGB", (20, 20), RED), Image.new("RGB", (20, 20), BLUE)
+    first.save(path, save_all=True, append_images=[second], duration=100, loop=0)
+    assert Image.open(path).n_frames == 2
+
+    assert close_to(decode(path).getpixel((10, 10)), RED)
+
+
+@pytest.mark.parametrize("size", [(1, 1), (20000, 50), (50, 20000)])
+@pytest.mark.parametrize("extension", ["jpg", "png"])
+def test_tiny_and_extreme_shapes_decode(
+    tmp_path: Path, size: tuple[int, int], extension: str
+) -> None:
+    path = tmp_path / f"odd.{extension}"
+    Image.new("RGB", size, RED).save(path)
+
+    img = decode(path)
+
+    assert img.size == size, "never enlarged, and a short side below min_side is kept as is"
+    assert close_to(img.getpixel((size[0] - 1, size[1] - 1)), RED)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["with spaces.jpg", "ünïcødé 写真 📷.jpg", "new\nline.jpg", "-starts-with-dash.jpg"],
+    ids=["spaces", "unicode", "newline", "dash"],
+)
+def test_odd_file_names(tmp_path: Path, name: str) -> None:
+    path = tmp_path / name
+    Image.new("RGB", (16, 16), BLUE).save(path)
+
+    assert close_to(decode(path).getpixel((8, 8)), BLUE)
+
+
+def test_heic(tmp_path: Path) -> None:
+    pytest.importorskip("pillow_heif")
+    assert register_heif()
+    path = tmp_path / "iphone.heic"
+    try:
+        Image.new("RGB", (64, 48), RED).save(path)
+    except (KeyError, OSError, ValueError) as exc:  # a libheif built without an encoder
+        pytest.skip(f"this pillow-heif cannot write HEIC: {exc}")
+
+    img = decode(path)
+
+    assert img.size == (64, 48)
+    assert close_to(img.getpixel((32, 24)), RED, tolerance=24)
+
+
+# -- files that do not decode ---------------------------------------------------------------
+
+
+def test_empty_file_may_still_be_arriving(tmp_path: Path) -> None:
+    path = tmp_path / "empty.jpg"
+    path.touch()
+
+    error = refusal(path)
+
+    assert error.retry
+    assert "empty" in str(error)
+
+
+def test_random_bytes_are_not_a_picture(tmp_path: Path) -> None:
+    path = tmp_path / "noise.jpg"
+    path.write_bytes(random.Random(7).randbytes(4096))
+
+    error = refusal(path)
+
+    assert not error.retry
+    assert "not a picture" in str(error)
+
+
+def test_text_file_named_jpg_is_not_a_picture(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jpg"
+    path.write_text("Shopping list: milk, eggs, film for the camera.\n" * 20)
+
+    error = refusal(path)
+
+    assert not error.retry
+    assert "not a picture" in str(error)
+
+
+@pytest.mark.parametrize("keep", [0.01, 0.5, 0.95], ids=["header-only", "half", "nearly-all"])
+def test_jpeg_cut_short_may_still_be_arriving(tmp_path: Path, keep: float) -> None:
+    whole = io.BytesIO()
+    noise((300, 200)).save(whole, "JPEG")
+    data = whole.getvalue()
+    path = tmp_path / "copying.jpg"
+    path.write_bytes(data[: int(len(data) * keep)])
+
+    error = refusal(path)
+
+    assert error.retry, str(error)
+    assert "cut short" in str(error)
+
+
+def test_png_cut_short_may_still_be_arriving(tmp_path: Path) -> None:
+    whole = io.BytesIO()
+    noise((100, 100)).save(whole, "PNG")
+    path = tmp_path / "copying.png"
+    path.write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
+
+    error = refusal(path)
+
+    assert error.retry
+    assert "cut short" in str(error)
+
+
+def test_too_many_pixels_is_refused_from_the_header(tmp_path: Path) -> None:
+    # If the check came after decoding, this 4x4 file would fail as cut short instead.
+    path = png_declaring(tmp_path, 5000, 5000)
+
+    error = refusal(path, max_pixels=1_000_000)
+
+    assert not error.retry
+    assert "5000x5000" in str(error)
+    assert "worker.max_pixels" in str(error)
+
+
+def test_decompression_bomb_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    # 900 million pixels: Pillow itself refuses this while opening, before our header check.
+    path = png_declaring(tmp_path, 30000, 30000)
+
+    error = refusal(path, max_pixels=DEFAULT_MAX_PIXELS)
+
+    assert not error.retry
+    assert "worker.max_pixels" in str(error)
+
+
+def test_missing_file_was_deleted(tmp_path: Path) -> None:
+    error = refusal(tmp_path / "gone.jpg")
+
+    assert not error.retry
+    assert "deleted" in str(error)
+
+
+def test_directory_named_like_a_photo(tmp_path: Path) -> None:
+    path = tmp_path / "album.jpg"
+    path.mkdir()
+
+    assert "directory" in str(refusal(path))
+
+
+def test_permission_denied(tmp_path: Path) -> None:
+    if not permissions_apply(tmp_path):
+        pytest.skip("running as root: permissions are not enforced")
+    path = tmp_path / "private.jpg"
+    Image.new("RGB", (8, 8), RED).save(path)
+    path.chmod(0)
+    try:
+        error = refusal(path)
+    finally:
+        path.chmod(0o644)
+
+    assert "permission denied" in str(error)

@@ -1,0 +1,235 @@
+"""Embeddings and scoring, against open_clip's classic zero-shot example."""
+
+from __future__ import annotations
+
+import functools
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from daemon.config import LabelSetConfig, Mode, ModelConfig
+from daemon.decode import open_rgb
+from daemon.tagger import ClipTagger, LabelSetEmbedding, ModelLoadError, resolve_device, score
+from tests import tinyclip
+
+COLOURS = list(tinyclip.COLOURS)
+
+
+def colour_set(**options: object) -> LabelSetConfig:
+    return LabelSetConfig.model_validate(
+        {"templates": [tinyclip.TEMPLATE], "labels": COLOURS, **options}
+    )
+
+
+def make_tagger(model_dir: Path, cache: Path, **sets: LabelSetConfig) -> ClipTagger:
+    tagger = ClipTagger(
+        ModelConfig(name=f"local-dir:{model_dir}", device="cpu"),
+        sets or {"colour": colour_set(top_k=4)},
+        cache,
+    )
+    tagger.load()
+    return tagger
+
+
+def unit(*rows: list[float]) -> torch.Tensor:
+    return F.normalize(torch.tensor(rows, dtype=torch.float32), dim=-1)
+
+
+# -- scoring on hand-made embeddings ------------------------------------------------------------
+
+
+def test_single_mode_softmax_top_k_and_threshold() -> None:
+    weights = unit([1, 0, 0], [0, 1, 0], [0, 0, 1]).T
+    image = unit([1.0, 0.5, 0.0])
+    scale = 10.0
+    expected = (scale * image @ weights).softmax(dim=-1)[0]
+    labels = ("a", "b", "c")
+    sets = [LabelSetEmbedding("s", Mode.SINGLE, labels, weights, None, 0.0, 2)]
+    (tags,) = score(image, sets, scale)
+    assert [t.label for t in tags] == ["a", "b"]
+    assert tags[0].score == pytest.approx(expected[0].item())
+    assert tags[1].score == pytest.approx(expected[1].item())
+    strict = [LabelSetEmbedding("s", Mode.SINGLE, labels, weights, None, 0.5, 2)]
+    assert [t.label for t in score(image, strict, scale)[0]] == ["a"]
+
+
+def test_multi_mode_decides_each_label_against_its_negative() -> None:
+    weights = unit([1, 0, 0], [0, 1, 0], [0, 0, 1]).T
+    negatives = unit([0, 0, 1], [0, 0, 1], [1, 1, 0]).T
+    image = unit([1.0, 1.0, 0.0])  # looks like a and b, not c
+    sets = [LabelSetEmbedding("m", Mode.MULTI, ("a", "b", "c"), weights, negatives, 0.5, 3)]
+    (tags,) = score(image, sets, 10.0)
+    assert sorted(t.label for t in tags) == ["a", "b"]
+    pos, neg = 10 * (image @ weights)[0, 0], 10 * (image @ negatives)[0, 0]
+    assert tags[0].score == pytest.approx(torch.sigmoid(pos - neg).item())
+
+
+# -- the real model -----------------------------------------------------------------------------
+
+
+@functools.cache
+def _reference_model(model_dir: Path) -> tuple[Any, Any, Any]:
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
+    model.eval()
+    return model, preprocess, open_clip.get_tokenizer(f"local-dir:{model_dir}")
+
+
+def classic_zero_shot(model_dir: Path, image: Image.Image) -> list[float]:
+    """open_clip's README example, one photo at a time (prompts encoded for every photo)."""
+    model, preprocess, tokenizer = _reference_model(model_dir)
+    text = tokenizer([tinyclip.TEMPLATE.format(c) for c in COLOURS])
+    with torch.no_grad():
+        image_features = model.encode_image(preprocess(image).unsqueeze(0))
+        text_features = model.encode_text(text)
+        image_features /= image_features.norm(dim=-1, keepdim=True)
+        text_features /= text_features.norm(dim=-1, keepdim=True)
+        probs = (model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1)
+    result: list[float] = probs[0].tolist()
+    return result
+
+
+def test_batched_scores_equal_the_classic_per_photo_reference(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    tagger = make_tagger(tiny_model, tmp_path / "cache")
+    rng = random.Random(7)
+    paths = []
+    for i in range(10):
+        colour = COLOURS[i % 4]
+        path = tmp_path / f"{i}.{'png' if i % 2 else 'jpg'}"
+        tinyclip.picture(colour, rng, size=(60 + 9 * i, 120 - 5 * i)).save(path)
+        paths.append(path)
+    batch = torch.stack([tagger.preprocess(open_rgb(p, tagger.image_size, 10**9)) for p in paths])
+    for path, tags in zip(paths, tagger.tag(batch), strict=True):
+        with Image.open(path) as img:
+            reference = classic_zero_shot(tiny_model, img.convert("RGB"))
+        got = {t.label: t.score for t in tags}
+        assert set(got) == set(COLOURS)
+        for colour, expected in zip(COLOURS, reference, strict=True):
+            assert got[colour] == pytest.approx(expected, abs=1e-4)
+
+
+def test_tiny_model_tells_colours_apart(tiny_model: Path, tmp_path: Path) -> None:
+    tagger = make_tagger(tiny_model, tmp_path / "cache", colour=colour_set())
+    rng = random.Random(99)
+    truth = [COLOURS[i % 4] for i in range(40)]
+    batch = torch.stack([tagger.preprocess(tinyclip.picture(c, rng)) for c in truth])
+    predicted = [tags[0].label for tags in tagger.tag(batch)]
+    assert predicted == truth
+
+
+def test_templates_are_ensembled_as_normalised_mean(tiny_model: Path, tmp_path: Path) -> None:
+    templates = ["a photo of a {} object", "a {} thing", "{}"]
+    tagger = make_tagger(tiny_model, tmp_path / "cache", s=colour_set(templates=templates))
+    model = tagger._model
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_model}")
+    with torch.no_grad():
+        for column, colour in enumerate(COLOURS):
+            prompts = tokenizer([t.format(colour) for t in templates])
+            mean = F.normalize(model.encode_text(prompts), dim=-1).mean(dim=0)
+            expected = F.normalize(mean, dim=0)
+            assert torch.allclose(tagger.sets[0].weights[:, column], expected, atol=1e-5)
+
+
+def test_labels_with_their_own_prompts(tiny_model: Path, tmp_path: Path) -> None:
+    labels = ["red", {"name": "sky", "prompts": ["a photo of a blue object"]}, "green"]
+    tagger = make_tagger(tiny_model, tmp_path / "cache", s=colour_set(labels=labels, top_k=1))
+    rng = random.Random(3)
+    batch = torch.stack([tagger.preprocess(tinyclip.picture("blue", rng)) for _ in range(4)])
+    assert [tags[0].label for tags in tagger.tag(batch)] == ["sky"] * 4
+
+
+def test_label_embeddings_are_cached_on_disk(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = make_tagger(tiny_model, tmp_path / "cache")
+    assert len(list((tmp_path / "cache" / "labels").glob("*.safetensors"))) == 1
+
+    def must_not_run(*args: object, **kwargs: object) -> None:
+        raise AssertionError("label embeddings recomputed despite an unchanged config")
+
+    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", must_not_run)
+    second = make_tagger(tiny_model, tmp_path / "cache")
+    assert torch.equal(first.sets[0].weights, second.sets[0].weights)
+    # A changed label list is a different key: computed anew.
+    monkeypatch.undo()
+    make_tagger(tiny_model, tmp_path / "cache", colour=colour_set(labels=COLOURS[:3]))
+    assert len(list((tmp_path / "cache" / "labels").glob("*.safetensors"))) == 2
+
+
+def test_corrupt_cache_file_is_recomputed(tiny_model: Path, tmp_path: Path) -> None:
+    first = make_tagger(tiny_model, tmp_path / "cache")
+    (cached,) = (tmp_path / "cache" / "labels").glob("*.safetensors")
+    cached.write_bytes(b"torn")
+    second = make_tagger(tiny_model, tmp_path / "cache")
+    assert torch.allclose(first.sets[0].weights, second.sets[0].weights)
+
+
+def test_openai_template_list_by_name(tiny_model: Path, tmp_path: Path) -> None:
+    tagger = make_tagger(tiny_model, tmp_path / "cache", s=colour_set(templates="openai"))
+    assert tagger.sets[0].weights.shape == (64, 4)
+
+
+# -- loading errors -----------------------------------------------------------------------------
+
+
+def test_local_dir_without_weights_is_refused(tiny_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    shutil.copy(tiny_model / "open_clip_config.json", folder)
+    with pytest.raises(ModelLoadError, match="has no weights file"):
+        make_tagger(folder, tmp_path / "cache")
+
+
+def test_missing_download_explains_local_dir(tmp_path: Path) -> None:
+    # HF_HUB_OFFLINE=1 (set by conftest) makes the download fail at once, as with no network.
+    tagger = ClipTagger(
+        ModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k", device="cpu"),
+        {"colour": colour_set()},
+        tmp_path,
+    )
+    with pytest.raises(ModelLoadError) as caught:
+        tagger.load()
+    message = str(caught.value)
+    assert "could not be fetched" in message
+    assert "local-dir:" in message
+
+
+def test_unknown_architecture(tmp_path: Path) -> None:
+    tagger = ClipTagger(
+        ModelConfig(name="ViT-Nope", pretrained=None, device="cpu"), {"c": colour_set()}, tmp_path
+    )
+    with pytest.raises(ModelLoadError, match="Cannot load the model ViT-Nope"):
+        tagger.load()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cuda_requested_without_cuda() -> None:
+    with pytest.raises(ModelLoadError, match="torch sees no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(tiny_model: Path, tmp_path: Path) -> None:
+    cpu = make_tagger(tiny_model, tmp_path / "cache")
+    gpu = ClipTagger(
+        ModelConfig(name=f"local-dir:{tiny_model}", device="cuda", precision="fp16"),
+        {"colour": colour_set(top_k=4)},
+        tmp_path / "cache",
+    )
+    gpu.load()
+    assert resolve_device("auto").type == "cuda"
+    rng = random.Random(5)
+    batch = torch.stack([cpu.preprocess(tinyclip.picture(c, rng)) for c in COLOURS])
+    for a, b in zip(cpu.tag(batch), gpu.tag(batch), strict=True):
+        assert a[0].label == b[0].label
+        assert a[0].score == pytest.approx(b[0].score, abs=2e-2)

@@ -218,6 +218,11 @@ class _ModelLoop:
             else max(1, cores - 1)
         )
         register_heif()
+        from PIL import Image
+
+        # Pillow's own decompression-bomb guard, at the same limit as ours (it refuses at twice
+        # its limit while opening, before our header check can run).
+        Image.MAX_IMAGE_PIXELS = self.config.max_pixels
         self.tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
         self.tagger.load()
         self.min_side = self.tagger.image_size

@@ -193,8 +193,11 @@ def test_walk_survives_a_symlink_loop(root: Path) -> None:
     (root / "album" / "self").symlink_to(".", target_is_directory=True)
 
     found: list[str] = []
-    # A hang would be reported by pytest-timeout much later: fail fast and clearly instead.
-    scan = threading.Thread(target=lambda: found.extend(walked(root, make_filter(root))))
+    # A hang would be reported by pytest-timeout much later: fail fast and clearly instead
+    # (a daemon thread, so a stuck walk does not keep the test run from exiting either).
+    scan = threading.Thread(
+        target=lambda: found.extend(walked(root, make_filter(root))), daemon=True
+    )
     scan.start()
     scan.join(timeout=10)
     assert not scan.is_alive(), "walk is stuck in the symlink loop"

@@ -179,12 +179,15 @@ def test_a_photo_moved_in_from_elsewhere_is_ready_after_settling(root: Path, out
 def test_a_temporary_file_renamed_into_place_is_ready_under_its_final_name(
     root: Path, temporary: str
 ) -> None:
-    with watching(root) as calls:
+    # The settle time is long here, so a photo ready soon was taken at the rename.
+    with watching(root, settle_seconds=2.0) as calls:
         write(root / temporary, jpeg_bytes())
         os.utime(root / temporary, (1_700_000_000, 1_700_000_000))  # rsync -t sets the time
         os.rename(root / temporary, root / "sunset.jpg")
+        renamed = time.monotonic()
         wait_for(lambda: calls.ready, timeout=PATIENCE, what="the renamed photo")
-        quiet_for(SETTLE + 0.5)  # the temporary name would have settled by now
+        assert calls.ready_times[0] - renamed < 1.5, "taken at the rename, not after settling"
+        quiet_for(0.5)  # a report of the temporary name, closed before the rename, is in
 
         assert calls.ready == [FileStat.of(str(root / "sunset.jpg"))]
         assert calls.ready[0].mtime == 1_700_000_000
@@ -193,9 +196,11 @@ def test_a_temporary_file_renamed_into_place_is_ready_under_its_final_name(
 def test_a_photo_renamed_in_place_is_removed_and_ready_under_the_new_name(root: Path) -> None:
     old = root / "IMG_0001.jpg"
     old.write_bytes(jpeg_bytes())
-    with watching(root) as calls:
+    with watching(root, settle_seconds=2.0) as calls:
         os.rename(old, root / "holiday.jpg")
+        renamed = time.monotonic()
         wait_for(lambda: calls.ready, timeout=PATIENCE, what="the renamed photo")
+        assert calls.ready_times[0] - renamed < 1.5, "taken at the rename, not after settling"
 
         assert calls.ready_paths == [str(root / "holiday.jpg")]
         assert str(old) in calls.removed

@@ -1,0 +1,58 @@
+"""Photo-like test pictures: smooth scenes with grain, at camera sizes and camera file sizes.
+
+Pure noise would compress far worse than a photo (and decode slower); flat colour far
+better. A few hundred random blobs, blurred and upscaled, with sensor-like grain on top,
+give JPEGs of 3-6 MB at 4000x3000, like a phone's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw, ImageFilter
+
+CAMERA = (4000, 3000)
+SMALL = (1600, 1200)  # about 2 MP
+
+
+def photo(size: tuple[int, int], seed: int) -> Image.Image:
+    rng = random.Random(seed)
+    base_w, base_h = size[0] // 8, size[1] // 8
+    img = Image.new("RGB", (base_w, base_h), tuple(rng.randrange(256) for _ in range(3)))
+    draw = ImageDraw.Draw(img)
+    for _ in range(300):
+        x, y = rng.randrange(base_w), rng.randrange(base_h)
+        r = rng.randrange(2, base_w // 6)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(256) for _ in range(3)))
+    img = img.filter(ImageFilter.GaussianBlur(2)).resize(size, Image.Resampling.BICUBIC)
+    grain = Image.effect_noise(size, 40).convert("RGB")
+    return Image.blend(img, grain, 0.2)
+
+
+def make(folder: Path, count: int, size: tuple[int, int], prefix: str = "photo") -> list[Path]:
+    """Write `count` JPEGs of `size` into `folder` (reused if already there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        path = folder / f"{prefix}-{size[0]}x{size[1]}-{i:05}.jpg"
+        if not path.exists():
+            photo(size, i).save(path, quality=92)
+        paths.append(path)
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--small", action="store_true", help="1600x1200 instead of 4000x3000")
+    args = parser.parse_args()
+    paths = make(args.folder, args.count, SMALL if args.small else CAMERA)
+    mean = sum(p.stat().st_size for p in paths) / len(paths) / 1e6
+    print(f"{len(paths)} photos in {args.folder}, {mean:.1f} MB each on average")
+
+
+if __name__ == "__main__":
+    main()

@@ -2,7 +2,7 @@
 
 Pure noise would compress far worse than a photo (and decode slower); flat colour far
 better. A few hundred random blobs, blurred and upscaled, with sensor-like grain on top,
-give JPEGs of 3-6 MB at 4000x3000, like a phone's.
+give JPEGs of about 3 MB at 4000x3000, like a phone's.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def photo(size: tuple[int, int], seed: int) -> Image.Image:
         draw.ellipse([x - r, y - r, x + r, y + r], fill=tuple(rng.randrange(256) for _ in range(3)))
     img = img.filter(ImageFilter.GaussianBlur(2)).resize(size, Image.Resampling.BICUBIC)
     grain = Image.effect_noise(size, 40).convert("RGB")
-    return Image.blend(img, grain, 0.2)
+    return Image.blend(img, grain, 0.13)
 
 
 def make(folder: Path, count: int, size: tuple[int, int], prefix: str = "photo") -> list[Path]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,13 +80,20 @@ class Pipeline:
         """Record arrivals, hand due jobs to the worker, save what it finished."""
         self._record_intake()
         self._dispatch()
-        wait = timeout if self.in_flight else 0.0
-        outcomes = self.worker.outcomes(timeout=wait) if self.in_flight else []
-        if outcomes:
-            self._save(outcomes)
-        elif not self.in_flight and self.intake.empty():
-            time.sleep(timeout)
-            self._claim_needed = True  # retries may have come due
+        if self.in_flight:
+            outcomes = self.worker.outcomes(timeout=timeout)
+            if outcomes:
+                self._save(outcomes)
+            return
+        # Idle: wake as soon as a photo arrives (latency), or after `timeout` to look for
+        # retries that came due.
+        try:
+            first = self.intake.get(timeout=timeout)
+        except queue.Empty:
+            self._claim_needed = True
+            return
+        self._record_intake(first)
+        self._dispatch()
 
     def idle(self) -> bool:
         """Nothing waiting in intake, at the worker, or pending in the database."""
@@ -103,13 +109,15 @@ class Pipeline:
         self.in_flight.clear()
         self._claim_needed = True
 
-    def _record_intake(self) -> None:
+    def _record_intake(self, first: FileStat | Removed | None = None) -> None:
         stats: list[FileStat] = []
+        item = first
         while len(stats) < INTAKE_CHUNK:
-            try:
-                item = self.intake.get_nowait()
-            except queue.Empty:
-                break
+            if item is None:
+                try:
+                    item = self.intake.get_nowait()
+                except queue.Empty:
+                    break
             if isinstance(item, Removed):
                 if stats:
                     self._enqueue(stats)
@@ -119,6 +127,7 @@ class Pipeline:
                     log.info("Forgot %d photo(s) under %s: deleted", removed, item.path)
             else:
                 stats.append(item)
+            item = None
         if stats:
             self._enqueue(stats)
 

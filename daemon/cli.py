@@ -66,9 +66,16 @@ class Failure(click.ClickException):
         click.echo(f"cliptagd: {self.format_message()}", err=True)
 
 
+def _config_path(config_path: Path | None) -> Path:
+    try:
+        return find_config(config_path)
+    except ConfigError as exc:
+        raise Failure(str(exc), EXIT_CONFIG) from None
+
+
 def _load(config_path: Path | None) -> Config:
     try:
-        return load_config(find_config(config_path))
+        return load_config(_config_path(config_path))
     except ConfigError as exc:
         raise Failure(str(exc), EXIT_CONFIG) from None
 
@@ -124,10 +131,11 @@ def run(config_path: Path | None, verbose: bool) -> None:
     """
     from .service import StartupError, run_daemon
 
-    config = _load(config_path)
+    path = _config_path(config_path)
+    config = _load(path)
     _setup_logging(config, verbose)
     try:
-        code = run_daemon(config)
+        code = run_daemon(config, path)
     except (StartupError, StoreError) as exc:
         raise Failure(str(exc)) from None
     sys.exit(code)

@@ -56,6 +56,13 @@ class WatchConfig(_Frozen):
     # A file with no close event (moved in, written over the network) is taken once its size
     # and mtime have not changed for this long.
     settle_seconds: Annotated[float, Field(ge=0, le=3600)] = 2.0
+    # Events are hints (the kernel drops them when its queue overflows): the folders are
+    # walked again this often to find what events missed, and photos deleted meanwhile.
+    # 0 turns it off.
+    rescan_minutes: Annotated[float, Field(ge=0)] = 60.0
+    # Poll the folders instead of inotify: for network shares, where inotify sees no writes
+    # made by other hosts.
+    polling: bool = False
 
     @field_validator("extensions")
     @classmethod
@@ -103,6 +110,9 @@ class WorkerConfig(_Frozen):
     max_pixels: Annotated[int, Field(ge=1)] = 178_956_970
     # A photo whose decoding fails this many times (a file still arriving, say) is failed.
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
+    # A worker holding photos that returns nothing for this long is taken as hung, ended and
+    # replaced (its photos count an attempt).
+    stall_seconds: Annotated[float, Field(gt=0)] = 300.0
 
 
 class LabelSpec(_Frozen):

@@ -6,7 +6,9 @@ built-in types.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from dataclasses import dataclass
 
 
@@ -20,8 +22,11 @@ class FileStat:
 
     @classmethod
     def of(cls, path: str | os.PathLike[str]) -> FileStat:
-        """Stat `path` (following symlinks); raises OSError if it is gone."""
+        """Stat `path` (following symlinks); raises OSError if it is gone or not a file."""
         st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            # A named pipe called photo.jpg would block the decoder forever; a device, worse.
+            raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
         return cls(os.fspath(path), st.st_size, st.st_mtime)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -39,6 +40,12 @@ class Removed:
     path: str
 
 
+@dataclass(frozen=True, slots=True)
+class Moved:
+    src: str
+    dest: str
+
+
 class Pipeline:
     """Moves photos from intake through the worker into the store; one thread drives it."""
 
@@ -59,10 +66,14 @@ class Pipeline:
         # Enough jobs at the worker to fill the batch being decoded and the one after it.
         self.in_flight_limit = 2 * batch_size
         self.on_outcomes = on_outcomes
-        self.intake: queue.Queue[FileStat | Removed] = queue.Queue(maxsize=INTAKE_LIMIT)
+        self.intake: queue.Queue[FileStat | Removed | Moved] = queue.Queue(maxsize=INTAKE_LIMIT)
         self.in_flight: dict[int, Job] = {}
         self._claim_needed = True
         self.queued = 0  # photos that became pending through this pipeline
+        # Photos the worker held when it died. One of them may be what killed it, so they go
+        # back one at a time until each has an outcome: a poison photo then dies alone.
+        self.suspects: set[int] = set()
+        self.last_progress = time.monotonic()
 
     # -- intake (any thread) ----------------------------------------------------------------
 
@@ -73,6 +84,10 @@ class Pipeline:
     def forget(self, path: str) -> None:
         """A photo or folder was deleted; its rows go."""
         self.intake.put(Removed(path))
+
+    def move(self, src: str, dest: str) -> None:
+        """A photo or folder was renamed; its rows and tags follow."""
+        self.intake.put(Moved(src, dest))
 
     # -- the driving thread -----------------------------------------------------------------
 
@@ -109,7 +124,23 @@ class Pipeline:
         self.in_flight.clear()
         self._claim_needed = True
 
-    def _record_intake(self, first: FileStat | Removed | None = None) -> None:
+    def worker_died(self, reason: str) -> None:
+        """The worker crashed or hung: count an attempt for each photo it held."""
+        held = set(self.in_flight)
+        failed = self.store.record_crash(
+            held, f"crashed or stalled the worker {self.max_attempts} times ({reason})",
+            self.max_attempts,
+        )  # fmt: skip
+        if failed:
+            log.error("Quarantined %d photo(s) that kept crashing the worker", failed)
+        self.suspects |= held
+        self.hand_back()
+
+    def stalled(self, seconds: float) -> bool:
+        """Jobs are out and nothing came back for `seconds`: the worker hangs."""
+        return bool(self.in_flight) and time.monotonic() - self.last_progress > seconds
+
+    def _record_intake(self, first: FileStat | Removed | Moved | None = None) -> None:
         stats: list[FileStat] = []
         item = first
         while len(stats) < INTAKE_CHUNK:
@@ -118,18 +149,26 @@ class Pipeline:
                     item = self.intake.get_nowait()
                 except queue.Empty:
                     break
-            if isinstance(item, Removed):
-                if stats:
+            if isinstance(item, Removed | Moved):
+                if stats:  # keep the order of events
                     self._enqueue(stats)
                     stats = []
-                removed = self.store.remove(item.path)
-                if removed:
-                    log.info("Forgot %d photo(s) under %s: deleted", removed, item.path)
+                self._apply(item)
             else:
                 stats.append(item)
             item = None
         if stats:
             self._enqueue(stats)
+
+    def _apply(self, change: Removed | Moved) -> None:
+        if isinstance(change, Removed):
+            removed = self.store.remove(change.path)
+            if removed:
+                log.info("Forgot %d photo(s) under %s: deleted", removed, change.path)
+        else:
+            moved = self.store.move(change.src, change.dest)
+            if moved:
+                log.info("Moved %d photo(s) from %s to %s", moved, change.src, change.dest)
 
     def _enqueue(self, stats: list[FileStat]) -> None:
         queued = self.store.enqueue(stats)
@@ -138,20 +177,32 @@ class Pipeline:
             self._claim_needed = True
 
     def _dispatch(self) -> None:
-        room = self.in_flight_limit - len(self.in_flight)
-        if room <= 0 or not self._claim_needed:
-            return
-        jobs = self.store.claim(room, exclude=self.in_flight.keys())
-        if len(jobs) < room:
-            self._claim_needed = False  # nothing more is due until something changes
+        if not self.in_flight:
+            self.last_progress = time.monotonic()
+        if self.suspects:
+            if self.in_flight:
+                return
+            jobs = self.store.claim_ids(self.suspects, 1)
+            if not jobs:
+                self.suspects.clear()
+                return
+        else:
+            room = self.in_flight_limit - len(self.in_flight)
+            if room <= 0 or not self._claim_needed:
+                return
+            jobs = self.store.claim(room, exclude=self.in_flight.keys())
+            if len(jobs) < room:
+                self._claim_needed = False  # nothing more is due until something changes
         for job in jobs:
             self.in_flight[job.photo_id] = job
             self.worker.submit(job)
 
     def _save(self, outcomes: Sequence[Outcome]) -> None:
         self.store.save_results(outcomes, self.model_id, self.max_attempts)
+        self.last_progress = time.monotonic()
         for outcome in outcomes:
             self.in_flight.pop(outcome.job.photo_id, None)
+            self.suspects.discard(outcome.job.photo_id)
             if outcome.error is not None:
                 if outcome.retry:
                     log.info("Will retry %s: %s", outcome.job.path, outcome.error)

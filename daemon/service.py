@@ -16,8 +16,9 @@ from typing import Any
 
 from tqdm import tqdm
 
-from .config import Config
+from .config import Config, ConfigError, load_config
 from .jobs import Outcome
+from .notify import Notifier
 from .pipeline import Pipeline
 from .scanner import PathFilter, walk
 from .store import Store
@@ -88,8 +89,14 @@ def _open_store(config: Config) -> Store:
 
 
 def _scan_in_background(
-    roots: Sequence[Path], path_filter: PathFilter, pipeline: Pipeline, stop: threading.Event
+    roots: Sequence[Path],
+    path_filter: PathFilter,
+    pipeline: Pipeline,
+    stop: threading.Event,
+    prune: Store | None = None,
 ) -> threading.Thread:
+    """Walk `roots` in a thread, offering every photo; with `prune`, forget deleted ones."""
+
     def scan() -> None:
         started, seen = time.monotonic(), 0
         for root in roots:
@@ -98,6 +105,11 @@ def _scan_in_background(
                     return
                 pipeline.offer(stat)
                 seen += 1
+        if prune is not None:
+            for path in prune.missing_paths([str(root) for root in roots]):
+                if stop.is_set():
+                    return
+                pipeline.forget(path)
         log.info("Scanned %d photo(s) in %.1f s", seen, time.monotonic() - started)
 
     thread = threading.Thread(target=scan, name="scan", daemon=True)
@@ -106,24 +118,28 @@ def _scan_in_background(
 
 
 class _Supervisor:
-    """Restarts a worker that died, but not one that keeps dying."""
+    """Restarts a worker that died, but not one that keeps dying without getting anywhere."""
 
     def __init__(self, config: Config, worker: Worker) -> None:
         self.config = config
         self.worker = worker
-        self.deaths: list[float] = []
+        self.deaths = 0  # in a row, with no photo finished in between
+        # A poison photo may kill the worker max_attempts times before it is quarantined.
+        self.limit = max(MAX_RESTARTS, config.worker.max_attempts) + 1
+
+    def progressed(self) -> None:
+        self.deaths = 0
 
     def restart(self, pipeline: Pipeline, reason: WorkerError) -> None:
-        now = time.monotonic()
-        self.deaths = [t for t in self.deaths if now - t < RESTART_WINDOW_SECONDS] + [now]
+        self.deaths += 1
         self.worker.kill()
-        if len(self.deaths) > MAX_RESTARTS:
+        pipeline.worker_died(str(reason))
+        if self.deaths >= self.limit:
             raise StartupError(
-                f"The worker died {len(self.deaths)} times in {RESTART_WINDOW_SECONDS:.0f} s "
+                f"The worker died {self.deaths} times in a row without finishing a photo "
                 f"(last: {reason}); giving up. See the log above for the cause."
             )
-        log.error("%s Starting a new worker; its photos will be tagged again.", reason)
-        pipeline.hand_back()
+        log.error("%s Starting a new worker; its photos will be tried again.", reason)
         self.worker = _start_worker(self.config)
         pipeline.worker = self.worker
 
@@ -134,59 +150,188 @@ def _shutdown(pipeline: Pipeline, worker: Worker) -> None:
     pipeline.hand_back()
 
 
-def run_daemon(config: Config) -> int:
-    """Watch, catch up, tag until SIGTERM/SIGINT; return the exit code."""
-    _check_roots(config)
-    store = _open_store(config)
-    stopper = _Stopper()
-    stopper.install()
-    worker = _start_worker(config)
-    supervisor = _Supervisor(config, worker)
-    pipeline = Pipeline(
-        store,
-        worker,
-        model_id=worker.ready.model_id if worker.ready else "",
-        batch_size=config.worker.batch_size,
-        max_attempts=config.worker.max_attempts,
-    )
-    path_filter = _path_filter(config)
+class Daemon:
+    """`cliptagd run`: the watcher, the pipeline and the worker, until SIGTERM."""
 
-    def folder_appeared(path: str) -> None:
-        # A folder moved in, or created with files already inside: events for its contents
-        # may never come, so look inside.
-        for stat in walk(path, path_filter):
-            pipeline.offer(stat)
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = Notifier()
+        self.stopper = _Stopper()
+        self.reload_requested = threading.Event()
+        self.store = _open_store(config)
+        self.watcher: Watcher | None = None
+        self.scanner: threading.Thread | None = None
+        self.next_rescan = float("inf")
+        self.next_ping = 0.0
 
-    watcher = Watcher(
-        list(config.watch.paths),
-        path_filter,
-        config.watch.settle_seconds,
-        on_ready=pipeline.offer,
-        on_removed=pipeline.forget,
-        on_folder=folder_appeared,
-    )
-    # Watch first, then scan: a photo arriving during the scan is seen by one or the other.
-    watcher.start()
-    _scan_in_background(config.watch.paths, path_filter, pipeline, stopper.event)
-    log.info("cliptagd is running")
-    try:
-        while not stopper.event.is_set():
+    def run(self) -> int:
+        _check_roots(self.config)
+        self.stopper.install()
+        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+        worker = _start_worker(self.config)
+        self.supervisor = _Supervisor(self.config, worker)
+        self.pipeline = Pipeline(
+            self.store,
+            worker,
+            model_id=worker.ready.model_id if worker.ready else "",
+            batch_size=self.config.worker.batch_size,
+            max_attempts=self.config.worker.max_attempts,
+            on_outcomes=lambda _: self.supervisor.progressed(),
+        )
+        self._start_watching()
+        log.info("cliptagd is running")
+        self.notifier.ready(self._status())
+        ping_every = self.notifier.watchdog_interval()
+        try:
+            while not self.stopper.event.is_set():
+                try:
+                    self.pipeline.step()
+                    if self.pipeline.stalled(self.config.worker.stall_seconds):
+                        seconds = self.config.worker.stall_seconds
+                        raise WorkerError(
+                            f"The worker returned nothing for {seconds:.0f} s "
+                            "(worker.stall_seconds)."
+                        )
+                except WorkerError as exc:
+                    if self.stopper.event.is_set():
+                        break
+                    self.supervisor.restart(self.pipeline, exc)
+                now = time.monotonic()
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self._reload()
+                if now >= self.next_rescan:
+                    self._rescan()
+                if ping_every is not None and now >= self.next_ping:
+                    # Only while every part is alive: a dead observer or worker that the
+                    # loop has not noticed makes systemd restart the service.
+                    if (
+                        self.watcher is not None
+                        and self.watcher.alive
+                        and self.supervisor.worker.alive
+                    ):
+                        self.notifier.watchdog()
+                        self.notifier.status(self._status())
+                    self.next_ping = now + ping_every
+        finally:
+            self.notifier.stopping()
+            if self.watcher is not None:
+                self.watcher.stop()
+            _shutdown(self.pipeline, self.supervisor.worker)
+            counts = self.store.counts()
+            self.store.close()
+            log.info(
+                "Stopped: %d tagged, %d pending, %d failed",
+                counts["tagged"], counts["pending"], counts["failed"],
+            )  # fmt: skip
+        return 0
+
+    def _status(self) -> str:
+        counts = self.store.counts()
+        return f"{counts['tagged']} tagged, {counts['pending']} pending, {counts['failed']} failed"
+
+    def _start_watching(self) -> None:
+        config = self.config
+        path_filter = _path_filter(config)
+        pipeline = self.pipeline
+
+        def folder_appeared(path: str) -> None:
+            # A folder moved in, or created with files already inside: events for its
+            # contents may never come, so look inside.
+            for stat in walk(path, path_filter):
+                pipeline.offer(stat)
+
+        self.watcher = Watcher(
+            list(config.watch.paths),
+            path_filter,
+            config.watch.settle_seconds,
+            on_ready=pipeline.offer,
+            on_removed=pipeline.forget,
+            on_folder=folder_appeared,
+            on_moved=pipeline.move,
+            polling=config.watch.polling,
+        )
+        # Watch first, then scan: a photo arriving during the scan is seen by one or the other.
+        if not self.watcher.start():
+            log.warning(
+                "Falling back to scanning every %.0f minute(s) instead of watching.",
+                self._rescan_minutes(),
+            )
+        self._rescan()
+
+    def _rescan_minutes(self) -> float:
+        minutes = self.config.watch.rescan_minutes
+        if self.watcher is not None and not self.watcher.watching:
+            # Without events, scanning is all there is: often, whatever the config says.
+            return min(minutes, 1.0) if minutes else 1.0
+        return minutes
+
+    def _rescan(self) -> None:
+        """Walk the watched folders: new or changed photos are queued, deleted ones forgotten."""
+        minutes = self._rescan_minutes()
+        self.next_rescan = time.monotonic() + minutes * 60 if minutes else float("inf")
+        if self.scanner is not None and self.scanner.is_alive():
+            return
+        self.scanner = _scan_in_background(
+            self.config.watch.paths,
+            _path_filter(self.config),
+            self.pipeline,
+            self.stopper.event,
+            prune=self.store,
+        )
+
+    def _reload(self) -> None:
+        """SIGHUP: load the config again; keep running on the old one if the new one is bad."""
+        self.notifier.reloading()
+        if self.config_path is None:
+            log.warning("Cannot reload: no config file to read again.")
+            self.notifier.ready(self._status())
+            return
+        try:
+            new = load_config(self.config_path)
+            if new.database != self.config.database:
+                raise ConfigError(
+                    f"{self.config_path}: database.url: a new database needs a restart, "
+                    "not a reload"
+                )
+            if new.watch != self.config.watch:
+                _check_roots(new)
+        except (ConfigError, StartupError) as exc:
+            log.error("Keeping the running config; the new one is refused: %s", exc)
+            self.notifier.ready(self._status())
+            return
+        old, self.config = self.config, new
+        if (new.model, new.label_sets, new.worker, new.cache_path) != (
+            old.model, old.label_sets, old.worker, old.cache_path,
+        ):  # fmt: skip
+            log.info("Reloading: starting a worker for the new model and label sets")
+            _shutdown(self.pipeline, self.supervisor.worker)
             try:
-                pipeline.step()
-            except WorkerError as exc:
-                if stopper.event.is_set():
-                    break
-                supervisor.restart(pipeline, exc)
-    finally:
-        watcher.stop()
-        _shutdown(pipeline, supervisor.worker)
-        counts = store.counts()
-        store.close()
-        log.info(
-            "Stopped: %d tagged, %d pending, %d failed",
-            counts["tagged"], counts["pending"], counts["failed"],
-        )  # fmt: skip
-    return 0
+                worker = _start_worker(new)
+            except StartupError as exc:
+                log.error("The new config's model cannot be loaded (%s); keeping the old one", exc)
+                self.config = new = new.model_copy(
+                    update={"model": old.model, "label_sets": old.label_sets,
+                            "worker": old.worker, "cache_dir": old.cache_dir}
+                )  # fmt: skip
+                worker = _start_worker(old)
+            self.supervisor = _Supervisor(new, worker)
+            self.pipeline.worker = worker
+            self.pipeline.model_id = worker.ready.model_id if worker.ready else ""
+            self.pipeline.max_attempts = new.worker.max_attempts
+            self.pipeline.in_flight_limit = 2 * new.worker.batch_size
+        if new.watch != old.watch and self.watcher is not None:
+            log.info("Reloading: watching %s", ", ".join(map(str, new.watch.paths)))
+            self.watcher.stop()
+            self._start_watching()
+        log.info("Reloaded the config from %s", self.config_path)
+        self.notifier.ready(self._status())
+
+
+def run_daemon(config: Config, config_path: Path | None = None) -> int:
+    """Watch, catch up, tag until SIGTERM/SIGINT; return the exit code."""
+    return Daemon(config, config_path).run()
 
 
 def _advance(bar: tqdm[Any], outcomes: Sequence[Outcome]) -> None:

@@ -25,6 +25,7 @@ from sqlalchemy import (
     func,
     insert,
     make_url,
+    or_,
     select,
     update,
 )
@@ -303,6 +304,78 @@ class Store:
                         ],
                     )  # fmt: skip
         return written
+
+    def record_crash(self, photo_ids: Collection[int], reason: str, max_attempts: int) -> int:
+        """The worker died holding these photos: count an attempt; fail those out of attempts.
+
+        Returns how many were failed (quarantined), so a photo that kills the worker every
+        time stops being retried.
+        """
+        if not photo_ids:
+            return 0
+        now = _now()
+        with self.engine.begin() as conn:
+            pending = (Photo.id.in_(list(photo_ids))) & (Photo.status == Status.PENDING)
+            conn.execute(update(Photo).where(pending).values(attempts=Photo.attempts + 1))
+            failed = conn.execute(
+                update(Photo)
+                .where(pending & (Photo.attempts >= max_attempts))
+                .values(status=Status.FAILED, error=reason, tagged_at=now)
+            )
+            return failed.rowcount
+
+    def claim_ids(self, photo_ids: Collection[int], limit: int) -> list[Job]:
+        """Up to `limit` of the given photos that are still pending."""
+        query = (
+            select(Photo.id, Photo.path, Photo.size, Photo.mtime)
+            .where(Photo.id.in_(list(photo_ids)), Photo.status == Status.PENDING)
+            .order_by(Photo.id)
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [Job(row.id, row.path, row.size, row.mtime) for row in conn.execute(query)]
+
+    def move(self, src: str, dest: str) -> int:
+        """A file or folder was renamed: its rows (and so its tags) follow; return the count."""
+        src_prefix, dest_prefix = src.rstrip(os.sep) + os.sep, dest.rstrip(os.sep) + os.sep
+        with self.engine.begin() as conn:
+            under = Photo.path.startswith(src_prefix, autoescape=True)
+            rows = conn.execute(select(Photo.id, Photo.path).where((Photo.path == src) | under))
+            moves = {
+                row.id: dest if row.path == src else dest_prefix + row.path[len(src_prefix) :]
+                for row in rows
+            }
+            if not moves:
+                return 0
+            # Whatever was at the destination was replaced by the move.
+            conn.execute(
+                delete(Photo).where(Photo.path.in_(list(moves.values())), Photo.id.not_in(moves))
+            )
+            for photo_id, path in moves.items():
+                conn.execute(update(Photo).where(Photo.id == photo_id).values(path=path))
+            return len(moves)
+
+    def missing_paths(self, roots: Sequence[str]) -> Iterator[str]:
+        """Paths recorded under `roots` whose file is gone (deleted while nobody watched)."""
+        last_id = 0
+        under = [
+            Photo.path.startswith(root.rstrip(os.sep) + os.sep, autoescape=True) for root in roots
+        ]
+        while True:
+            query = (
+                select(Photo.id, Photo.path)
+                .where(Photo.id > last_id, or_(*under))
+                .order_by(Photo.id)
+                .limit(CHUNK)
+            )
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            for row in rows:
+                if not os.path.exists(row.path):
+                    yield row.path
+            last_id = rows[-1].id
 
     def remove(self, path: str) -> int:
         """Forget a deleted file, or every file under a deleted folder; return the count."""

@@ -8,6 +8,7 @@ catch-up scan at start finds whatever happened while nobody was watching.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import threading
@@ -28,6 +29,8 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
+from watchdog.observers.api import BaseObserver
+from watchdog.observers.polling import PollingObserver
 
 from .jobs import FileStat
 from .scanner import PathFilter
@@ -49,6 +52,8 @@ class Watcher:
         on_ready: Callable[[FileStat], None],
         on_removed: Callable[[str], None],
         on_folder: Callable[[str], None],
+        on_moved: Callable[[str, str], None] | None = None,
+        polling: bool = False,
     ) -> None:
         self.roots = roots
         self.filter = path_filter
@@ -56,31 +61,56 @@ class Watcher:
         self.on_ready = on_ready
         self.on_removed = on_removed
         self.on_folder = on_folder
-        self._observer = Observer()
+        self.on_moved = on_moved
+        self._observer: BaseObserver = PollingObserver() if polling else Observer()
+        self.watching = False
         # path -> (size, mtime, when that state was first seen)
         self._settling: dict[str, tuple[int, float, float]] = {}
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="settle", daemon=True)
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """Start watching; False when the system refuses (the caller falls back to scans)."""
         handler = _Handler(self)
-        for root in self.roots:
-            self._observer.schedule(handler, str(root), recursive=True)
-        self._observer.start()
         self._ticker.start()
+        try:
+            for root in self.roots:
+                self._observer.schedule(handler, str(root), recursive=True)
+            self._observer.start()
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                log.error(
+                    "Cannot watch %s: the inotify watch limit is reached. Raise it, e.g. "
+                    "sysctl fs.inotify.max_user_watches=524288 (and in /etc/sysctl.d/), "
+                    "or set watch.polling: true.",
+                    ", ".join(map(str, self.roots)),
+                )
+            elif exc.errno == errno.EMFILE:
+                log.error(
+                    "Cannot watch: too many inotify instances. Raise "
+                    "sysctl fs.inotify.max_user_instances, or set watch.polling: true."
+                )
+            else:
+                log.error("Cannot watch %s: %s", ", ".join(map(str, self.roots)), exc)
+            self._observer.unschedule_all()
+            return False
+        self.watching = True
         log.info("Watching %s", ", ".join(str(root) for root in self.roots))
+        return True
 
     def stop(self) -> None:
         self._stopping.set()
-        self._observer.stop()
-        self._observer.join(timeout=10)
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(timeout=10)
         if self._ticker.is_alive():
             self._ticker.join(timeout=5)
 
     @property
     def alive(self) -> bool:
-        return self._observer.is_alive()
+        """Watching, or deliberately scanning instead (then the ticker is what runs)."""
+        return self._observer.is_alive() if self.watching else self._ticker.is_alive()
 
     # -- called from the observer thread ----------------------------------------------------
 
@@ -115,6 +145,16 @@ class Watcher:
             for waiting in [p for p in self._settling if p == path or p.startswith(prefix)]:
                 del self._settling[waiting]
         self.on_removed(path)
+
+    def moved(self, src: str, dest: str) -> None:
+        """A photo or folder was renamed: its rows follow it, so its tags are kept."""
+        inside = self.filter.root_of(dest) is not None
+        if self.on_moved is not None and inside and self.filter.root_of(src) is not None:
+            with self._lock:
+                self._settling.pop(src, None)
+            self.on_moved(src, dest)
+        else:
+            self.removed(src)
 
     def folder_appeared(self, path: str) -> None:
         if self.filter.root_of(path) is not None:
@@ -166,12 +206,20 @@ class _Handler(FileSystemEventHandler):
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
             watcher.changed(src)
         elif isinstance(event, FileMovedEvent):
-            watcher.removed(src)
-            watcher.complete(os.fsdecode(event.dest_path))
+            dest = os.fsdecode(event.dest_path)
+            if watcher.filter.wanted(dest):
+                watcher.moved(src, dest)
+            else:
+                watcher.removed(src)
+            watcher.complete(dest)
         elif isinstance(event, FileDeletedEvent | DirDeletedEvent):
             watcher.removed(src)
         elif isinstance(event, DirMovedEvent):
-            watcher.removed(src)
-            watcher.folder_appeared(os.fsdecode(event.dest_path))
+            dest = os.fsdecode(event.dest_path)
+            if watcher.filter.wanted_folder(dest):
+                watcher.moved(src, dest)
+            else:
+                watcher.removed(src)
+            watcher.folder_appeared(dest)
         elif isinstance(event, DirCreatedEvent):
             watcher.folder_appeared(src)

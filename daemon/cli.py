@@ -129,13 +129,18 @@ def run(config_path: Path | None, verbose: bool) -> None:
     Example:
       cliptagd run -c /etc/cliptagd/config.yaml
     """
-    from .service import StartupError, run_daemon
-
     path = _config_path(config_path)
     config = _load(path)
     _setup_logging(config, verbose)
+    # Start the worker first: its model loads (seconds) while the rest of the daemon starts.
+    from .worker import Worker
+
+    worker = Worker(config)
+    worker.launch()
+    from .service import StartupError, run_daemon
+
     try:
-        code = run_daemon(config, path)
+        code = run_daemon(config, path, worker)
     except (StartupError, StoreError) as exc:
         raise Failure(str(exc)) from None
     sys.exit(code)

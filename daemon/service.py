@@ -70,8 +70,8 @@ def _path_filter(config: Config, extra_roots: Iterable[Path] = ()) -> PathFilter
     )
 
 
-def _start_worker(config: Config) -> Worker:
-    worker = Worker(config)
+def _start_worker(config: Config, worker: Worker | None = None) -> Worker:
+    worker = worker or Worker(config)
     try:
         ready = worker.start()
     except ModelUnavailable as exc:
@@ -153,9 +153,12 @@ def _shutdown(pipeline: Pipeline, worker: Worker) -> None:
 class Daemon:
     """`cliptagd run`: the watcher, the pipeline and the worker, until SIGTERM."""
 
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(
+        self, config: Config, config_path: Path | None = None, worker: Worker | None = None
+    ) -> None:
         self.config = config
         self.config_path = config_path
+        self.launched = worker
         self.notifier = Notifier()
         self.stopper = _Stopper()
         self.reload_requested = threading.Event()
@@ -166,10 +169,15 @@ class Daemon:
         self.next_ping = 0.0
 
     def run(self) -> int:
-        _check_roots(self.config)
-        self.stopper.install()
-        signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
-        worker = _start_worker(self.config)
+        try:
+            _check_roots(self.config)
+            self.stopper.install()
+            signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
+            worker = _start_worker(self.config, self.launched)
+        except BaseException:
+            if self.launched is not None:
+                self.launched.kill()
+            raise
         self.supervisor = _Supervisor(self.config, worker)
         self.pipeline = Pipeline(
             self.store,
@@ -329,9 +337,20 @@ class Daemon:
         self.notifier.ready(self._status())
 
 
-def run_daemon(config: Config, config_path: Path | None = None) -> int:
-    """Watch, catch up, tag until SIGTERM/SIGINT; return the exit code."""
-    return Daemon(config, config_path).run()
+def run_daemon(
+    config: Config, config_path: Path | None = None, worker: Worker | None = None
+) -> int:
+    """Watch, catch up, tag until SIGTERM/SIGINT; return the exit code.
+
+    `worker` may be already launched, so that the model loads while the rest starts.
+    """
+    try:
+        daemon = Daemon(config, config_path, worker)
+    except BaseException:
+        if worker is not None:
+            worker.kill()
+        raise
+    return daemon.run()
 
 
 def _advance(bar: tqdm[Any], outcomes: Sequence[Outcome]) -> None:

@@ -71,6 +71,12 @@ class Worker:
 
     def start(self, timeout: float = 600.0) -> Ready:
         """Start the process and wait until its model and label sets are loaded."""
+        if self._process is None:
+            self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self) -> None:
+        """Start the process without waiting: the model loads while the caller goes on."""
         self._jobs = self._ctx.Queue()
         self._messages = self._ctx.Queue()
         self._stop = self._ctx.Event()
@@ -81,6 +87,10 @@ class Worker:
             daemon=True,
         )
         self._process.start()
+
+    def wait_ready(self, timeout: float = 600.0) -> Ready:
+        """Wait until the launched process has loaded its model and label sets."""
+        assert self._process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             message = self._get(timeout=0.5)
@@ -88,7 +98,7 @@ class Worker:
                 self.ready = message
                 return message
             if isinstance(message, Fatal):
-                self._process.join(timeout=5)
+                self.kill()
                 raise (ModelUnavailable if message.model else WorkerError)(message.message)
         self.kill()
         raise WorkerError(f"The worker did not load the model within {timeout:.0f} s.")
@@ -198,6 +208,13 @@ def worker_main(config: Config, jobs: Any, messages: Any, stop: Any, log_level: 
             messages.put(Fatal(f"The worker failed to start: {exc}", model=False))
         return
     loop.run()
+    # Everything the parent needs has been sent: flush it, then leave without the
+    # interpreter's teardown, which can abort while torch's and the decoders' threads unwind
+    # ("terminate called without an active exception") and costs time for nothing.
+    messages.close()
+    messages.join_thread()
+    logging.shutdown()
+    os._exit(0)
 
 
 class _ModelLoop:

@@ -154,20 +154,30 @@ def scan_seconds(args: argparse.Namespace, files: list[Path], tag: str) -> float
     return elapsed
 
 
-def scan_rate(args: argparse.Namespace, files: list[Path], tag: str) -> tuple[float, float]:
-    """Photos/s of `cliptagd scan` without its fixed start-up cost, and that cost (s).
+def scan_rate(
+    args: argparse.Namespace, files: list[Path], tag: str, bare: Callable[[], float]
+) -> dict[str, float]:
+    """Photos/s of `cliptagd scan` without its fixed start-up cost, that cost (s), and the
+    ratio to the bare model measured right before each repetition.
 
     Two sizes of input: the difference of their times is the cost of the extra photos alone.
     """
     half = files[: len(files) // 2]
-    rates, startups = [], []
+    rates, startups, ratios = [], [], []
     for _ in range(args.reps):
+        ceiling = bare()
         t_half = scan_seconds(args, half, f"{tag}-half")
         t_full = scan_seconds(args, files, f"{tag}-full")
         rate = (len(files) - len(half)) / max(1e-9, t_full - t_half)
         rates.append(rate)
         startups.append(t_half - len(half) / rate)
-    return statistics.median(rates), statistics.median(startups)
+        ratios.append(rate / ceiling)
+    return {
+        "photos_per_s": statistics.median(rates),
+        "startup_s": statistics.median(startups),
+        "ratio_vs_bare": statistics.median(ratios),
+        "ratios": ratios,
+    }
 
 
 def count(db: Path, status: str | None = None) -> int:
@@ -250,10 +260,13 @@ def wait_tagged(db: Path, n: int, timeout: float = 3600) -> float:
     return time.perf_counter()
 
 
-def daemon_burst_rate(args: argparse.Namespace, files: list[Path]) -> float:
-    """Photos/s of the running daemon fed a burst of dropped files."""
-    rates = []
+def daemon_burst_rate(
+    args: argparse.Namespace, files: list[Path], bare: Callable[[], float]
+) -> dict[str, float]:
+    """Photos/s of the running daemon fed a burst of dropped files, and the ratio to bare."""
+    rates, ratios = [], []
     for _ in range(args.reps):
+        ceiling = bare()
         work = fresh(args.work / "burst")
         (work / "photos").mkdir()
         config = write_config(work, work / "photos", args)
@@ -263,7 +276,8 @@ def daemon_burst_rate(args: argparse.Namespace, files: list[Path]) -> float:
                 shutil.copyfile(file, work / "photos" / f"{i:05}.jpg")
             end = wait_tagged(work / "tags.db", len(files))
             rates.append(len(files) / (end - start))
-    return statistics.median(rates)
+            ratios.append(rates[-1] / ceiling)
+    return {"photos_per_s": statistics.median(rates), "ratio_vs_bare": statistics.median(ratios)}
 
 
 def latency(args: argparse.Namespace, file: Path, drops: int) -> list[float]:
@@ -357,7 +371,7 @@ def big_label_set(args: argparse.Namespace) -> dict[str, float]:
     tagger.load()
     seconds = time.perf_counter() - start
     shutil.rmtree(cache)
-    return {"labels": 1000, "templates": 10, "load_and_embed_s": seconds}
+    return {"labels": args.labels, "templates": 10, "load_and_embed_s": seconds}
 
 
 def main() -> int:
@@ -374,13 +388,15 @@ def main() -> int:
     parser.add_argument("--drops", type=int, default=20, help="single-photo latency drops")
     parser.add_argument("--burst", type=int, default=5000, help="photos in the memory burst")
     parser.add_argument("--settle", type=float, default=2.0)
-    parser.add_argument("--bare-photos", type=int, default=128)
+    parser.add_argument("--bare-photos", type=int, default=96)
+    parser.add_argument("--labels", type=int, default=1000, help="labels in the big label set")
     parser.add_argument("--only", nargs="*", help="run only these parts")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cliptagd-bench")
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke test")
     args = parser.parse_args()
     if args.quick:
         args.count, args.reps, args.drops, args.burst, args.bare_photos = 16, 1, 3, 200, 32
+        args.labels = 100
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parts = set(
         args.only or ["bare", "loop", "scan", "burst", "latency", "memory", "startup", "labels"]
@@ -410,28 +426,35 @@ def main() -> int:
         print(f"{key}: {json.dumps(value)}", flush=True)
 
     model, preprocess, tokenizer = load_model(args)
-    bare = bare_model_rate(args, model, args.batch)
-    report("bare_model_photos_per_s", bare)
+
+    def bare() -> float:
+        return bare_model_rate(args, model, args.batch)
+
+    ceiling = bare()
+    report("bare_model_photos_per_s", ceiling)
     one = 1 / bare_model_rate(args, model, 1)
     report("bare_model_one_photo_s", one)
     if "loop" in parts:
-        loop = median_of(args.reps, lambda: per_photo_loop_rate(
-            model, preprocess, tokenizer, big[: max(4, args.count // 4)]))  # fmt: skip
-        report("per_photo_loop_photos_per_s", loop)
+        loop_rates, loop_ratios = [], []
+        for _ in range(args.reps):
+            before = bare()
+            loop_rates.append(
+                per_photo_loop_rate(model, preprocess, tokenizer, big[: max(4, args.count // 4)])
+            )
+            loop_ratios.append(loop_rates[-1] / before)
+        report("per_photo_loop_photos_per_s", statistics.median(loop_rates))
+        report("ratio_loop_vs_bare", statistics.median(loop_ratios))
     if "scan" in parts:
-        rate, fixed = scan_rate(args, big, "big")
-        report("scan_camera_photos_per_s", rate)
-        report("scan_startup_s", fixed)
-        report("ratio_scan_camera_vs_bare", rate / bare)
+        camera = scan_rate(args, big, "big", bare)
+        report("scan_camera", camera)
         if "loop" in parts:
-            report("ratio_scan_camera_vs_loop", rate / results["per_photo_loop_photos_per_s"])
-        rate_small, _ = scan_rate(args, small, "small")
-        report("scan_small_photos_per_s", rate_small)
-        report("ratio_scan_small_vs_bare", rate_small / bare)
+            # Both as fractions of the bare model measured beside them, so machine speed
+            # drifting between the two measurements cancels out.
+            report("ratio_scan_camera_vs_loop",
+                   camera["ratio_vs_bare"] / results["ratio_loop_vs_bare"])  # fmt: skip
+        report("scan_small", scan_rate(args, small, "small", bare))
     if "burst" in parts:
-        burst = daemon_burst_rate(args, big)
-        report("daemon_burst_camera_photos_per_s", burst)
-        report("ratio_daemon_burst_vs_bare", burst / bare)
+        report("daemon_burst_camera", daemon_burst_rate(args, big, bare))
     if "latency" in parts:
         drops = latency(args, big[0], args.drops)
         report("latency_median_s", statistics.median(drops))
@@ -441,7 +464,7 @@ def main() -> int:
     if "startup" in parts:
         report("startup", startup(args))
     if "labels" in parts:
-        report("label_set_1000x10", big_label_set(args))
+        report("big_label_set", big_label_set(args))
 
     RESULTS.mkdir(exist_ok=True)
     name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{args.model}-{args.device.replace(':', '')}.json"

@@ -181,3 +181,38 @@ def test_reads_while_writing(store: Store) -> None:
     assert not errors
     assert reads > 0
     assert reader.counts()["tagged"] == 2000
+
+
+def test_move_keeps_rows_and_tags(store: Store) -> None:
+    store.enqueue([FileStat("/p/a.jpg", 1, 1.0), FileStat("/p/album/b.jpg", 1, 1.0)])
+    jobs = store.claim(2)
+    store.save_results([tagged(j, ("s", "x", 0.9)) for j in jobs], "m", 3)
+    assert store.move("/p/a.jpg", "/p/renamed.jpg") == 1
+    assert store.move("/p/album", "/p/album-2024") == 1
+    assert store.move("/p/nothing.jpg", "/p/else.jpg") == 0
+    assert [r.path for r in store.query("x")] == ["/p/album-2024/b.jpg", "/p/renamed.jpg"]
+    # Unchanged after the move: never classified again.
+    assert store.enqueue([FileStat("/p/renamed.jpg", 1, 1.0)]) == 0
+
+
+def test_move_over_an_existing_photo_replaces_it(store: Store) -> None:
+    store.enqueue([FileStat("/p/a.jpg", 1, 1.0), FileStat("/p/b.jpg", 2, 2.0)])
+    assert store.move("/p/a.jpg", "/p/b.jpg") == 1
+    assert [(j.path, j.size) for j in store.claim(10)] == [("/p/b.jpg", 1)]
+
+
+def test_missing_paths(store: Store, tmp_path: Path) -> None:
+    here = tmp_path / "here.jpg"
+    here.write_bytes(b"x")
+    gone = str(tmp_path / "gone.jpg")
+    store.enqueue([FileStat(str(here), 1, 1.0), FileStat(gone, 1, 1.0), FileStat("/else/x", 1, 1)])
+    assert list(store.missing_paths([str(tmp_path)])) == [gone]
+
+
+def test_record_crash_quarantines_after_max_attempts(store: Store) -> None:
+    store.enqueue([FileStat("/p/a.jpg", 1, 1.0), FileStat("/p/b.jpg", 1, 1.0)])
+    a, b = store.claim(2)
+    assert store.record_crash([a.photo_id, b.photo_id], "crashed", 2) == 0
+    assert store.record_crash([a.photo_id], "crashed", 2) == 1
+    assert store.counts() == {"pending": 1, "tagged": 0, "failed": 1}
+    assert [j.path for j in store.claim_ids([a.photo_id, b.photo_id], 5)] == ["/p/b.jpg"]

@@ -149,6 +149,8 @@ def test_system_unit_keeps_the_daemon_contract() -> None:
     unit = read_unit(SYSTEM_UNIT)
     service = unit["Service"]
     assert service["ExecStart"].split()[1:] == ["run", "-c", "/etc/cliptagd/config.yaml"]
+    assert service["Type"] == "notify"
+    assert "WatchdogSec" in service
     # 78 is the daemon's EX_CONFIG exit: a restart cannot fix a config.
     assert "78" in service["RestartPreventExitStatus"].split()
     assert service["Restart"] == "on-failure"

@@ -1,0 +1,223 @@
+"""Faults the daemon must survive: a killed or poisoned worker, reloads, moves, deletes."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import yaml
+
+from daemon.jobs import FileStat, Job, Outcome, TagScore
+from daemon.pipeline import Pipeline
+from daemon.store import Store
+from daemon.worker import WorkerError
+from tests import tinyclip
+from tests.conftest import ConfigFactory, save_picture, wait_for
+from tests.test_e2e import Daemon, all_done, labels_of, process_gone, rows, statuses
+
+COLOURS = list(tinyclip.COLOURS)
+
+
+# -- the pipeline against a worker that dies (a fake at the process boundary) ------------------
+
+
+class DyingWorker:
+    """Tags everything, but dies whenever a batch holds the poison photo."""
+
+    def __init__(self, poison: str) -> None:
+        self.poison = poison
+        self.submitted: list[Job] = []
+        self.deaths = 0
+
+    def submit(self, job: Job) -> None:
+        self.submitted.append(job)
+
+    def outcomes(self, timeout: float) -> list[Outcome]:
+        batch, self.submitted = self.submitted, []
+        if any(job.path == self.poison for job in batch):
+            self.deaths += 1
+            raise WorkerError("The worker process died (exit code -11).")
+        return [Outcome(job, tags=(TagScore("s", "ok", 1.0),)) for job in batch]
+
+
+def test_a_poison_photo_is_quarantined_and_the_rest_of_its_batch_tagged(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'tags.db'}")
+    store.migrate()
+    paths = [f"/p/{i:02}.jpg" for i in range(20)]
+    store.enqueue(FileStat(p, 1, 1.0) for p in paths)
+    worker = DyingWorker(poison="/p/07.jpg")
+    pipeline = Pipeline(store, worker, model_id="m", batch_size=4, max_attempts=3)
+    for _ in range(200):
+        try:
+            pipeline.step(timeout=0.01)
+        except WorkerError as exc:
+            pipeline.worker_died(str(exc))
+        if store.counts()["pending"] == 0:
+            break
+    assert store.counts() == {"pending": 0, "tagged": 19, "failed": 1}
+    (failure,) = store.failures()
+    assert failure.path == "/p/07.jpg"
+    assert "crashed or stalled the worker 3 times" in (failure.error or "")
+    assert worker.deaths == 3
+    # Photos that shared a batch with the poison were tried again, not failed.
+    attempts = dict(rows(tmp_path / "tags.db", "SELECT path, attempts FROM photos"))
+    assert max(a for p, a in attempts.items() if p != "/p/07.jpg") <= 1  # type: ignore[operator]
+
+
+def test_a_stalled_worker_is_noticed(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'tags.db'}")
+    store.migrate()
+    store.enqueue([FileStat("/p/a.jpg", 1, 1.0)])
+
+    class Silent:
+        def submit(self, job: Job) -> None:
+            pass
+
+        def outcomes(self, timeout: float) -> list[Outcome]:
+            time.sleep(timeout)
+            return []
+
+    pipeline = Pipeline(store, Silent(), model_id="m", batch_size=4, max_attempts=3)
+    pipeline.step(timeout=0.01)
+    assert not pipeline.stalled(0.5)
+    time.sleep(0.6)
+    pipeline.step(timeout=0.01)
+    assert pipeline.stalled(0.5)
+
+
+# -- the real daemon ---------------------------------------------------------------------------
+
+
+def pictures(folder: Path, count: int, rng: random.Random, prefix: str = "p") -> dict[Path, str]:
+    return {
+        save_picture(folder, f"{prefix}{i:03}.png", COLOURS[i % 4], rng): COLOURS[i % 4]
+        for i in range(count)
+    }
+
+
+def test_worker_killed_mid_batch_is_replaced_and_nothing_is_lost(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
+) -> None:
+    config = make_config(worker={"batch_size": 4})
+    db = tmp_path / "tags.db"
+    with Daemon(config) as daemon:
+        first = daemon.worker_pid
+        truth = pictures(photo_dir, 60, rng)
+        wait_for(lambda: any(s == "tagged" for s, _ in statuses(db).values()), 60, "a tag")
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: all_done(db, len(truth)), 120, "every photo after the kill")
+        assert "The worker process died" in daemon.log
+        assert daemon.log.count("ready: model") == 2
+        assert daemon.stop() == 0
+    assert process_gone(first)
+    assert {Path(p): labels for p, labels in labels_of(db).items()} == {
+        p: [c] for p, c in truth.items()
+    }
+    assert rows(db, "SELECT count(*) FROM tags") == [(60,)]
+
+
+def test_sighup_reloads_and_refuses_a_bad_config(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
+) -> None:
+    config = make_config()
+    db = tmp_path / "tags.db"
+    with Daemon(config) as daemon:
+        assert daemon.process is not None
+        good = config.read_text()
+        config.write_text(good.replace("settle_seconds: 0.5", "settle_seconds: -1"))
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "new one is refused" in daemon.log, 30, "the refusal")
+        assert "watch.settle_seconds" in daemon.log
+        # Still running on the old config.
+        red = save_picture(photo_dir, "red.png", "red", rng)
+        wait_for(lambda: labels_of(db).get(str(red)) == ["red"], 60, "a tag after the refusal")
+
+        # A valid change: a label set with other names is used for new photos.
+        data = yaml.safe_load(good)
+        data["label_sets"]["colour"]["labels"] = [
+            {"name": f"is-{c}", "prompts": [tinyclip.TEMPLATE.format(c)]} for c in COLOURS
+        ]
+        config.write_text(yaml.safe_dump(data))
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: "Reloaded the config" in daemon.log, 120, "the reload")
+        blue = save_picture(photo_dir, "blue.png", "blue", rng)
+        wait_for(lambda: labels_of(db).get(str(blue)) == ["is-blue"], 60, "a tag after reload")
+        assert daemon.stop() == 0
+
+
+def test_moves_keep_tags_and_deletes_forget_them(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
+) -> None:
+    config = make_config()
+    db = tmp_path / "tags.db"
+    truth = pictures(photo_dir / "album", 4, rng)
+    doomed = save_picture(photo_dir, "doomed.png", "green", rng)
+    with Daemon(config) as daemon:
+        wait_for(lambda: all_done(db, 5), 60, "the catch-up")
+        before = dict(rows(db, "SELECT path, tagged_at FROM photos"))
+        photo = next(iter(truth))
+        os.rename(photo, photo_dir / "renamed.png")
+        os.rename(photo_dir / "album", photo_dir / "album-2024")
+        doomed.unlink()
+        renamed = {
+            str(photo_dir / "renamed.png"): before[str(photo)],
+            **{str(photo_dir / "album-2024" / p.name): before[str(p)] for p in truth if p != photo},
+        }
+        wait_for(
+            lambda: dict(rows(db, "SELECT path, tagged_at FROM photos")) == renamed,
+            30,
+            "the rows to follow the moves",
+        )
+        assert str(doomed) not in labels_of(db)
+        assert daemon.stop() == 0
+    # Deleted while stopped: forgotten by the catch-up scan at the next start.
+    (photo_dir / "renamed.png").unlink()
+    with Daemon(config) as daemon:
+        wait_for(lambda: str(photo_dir / "renamed.png") not in statuses(db), 30, "the prune")
+        assert daemon.stop() == 0
+
+
+def test_polling_observer(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
+) -> None:
+    config = make_config(watch={"paths": [str(photo_dir)], "settle_seconds": 0.5, "polling": True})
+    db = tmp_path / "tags.db"
+    with Daemon(config) as daemon:
+        yellow = save_picture(photo_dir, "sub/yellow.png", "yellow", rng)
+        wait_for(lambda: labels_of(db).get(str(yellow)) == ["yellow"], 60, "a polled photo")
+        assert daemon.stop() == 0
+
+
+def test_systemd_notifications(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READY=1 once the model is loaded, WATCHDOG=1 while alive, STOPPING=1 on SIGTERM."""
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(address)
+        sock.settimeout(0.2)
+        monkeypatch.setenv("NOTIFY_SOCKET", address)
+        monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+        received: list[str] = []
+
+        def drain() -> Sequence[str]:
+            try:
+                while True:
+                    received.extend(sock.recv(4096).decode().split("\n"))
+            except TimeoutError:
+                return received
+
+        with Daemon(make_config()) as daemon:
+            wait_for(lambda: "READY=1" in drain(), 30, "READY=1")
+            assert "Worker" in daemon.log  # the model was loaded before READY
+            wait_for(lambda: "WATCHDOG=1" in drain(), 30, "WATCHDOG=1")
+            assert daemon.stop() == 0
+        drain()
+        assert "STOPPING=1" in received
+        assert any(line.startswith("STATUS=") and "tagged" in line for line in received)

@@ -421,9 +421,14 @@ def main() -> int:
         },
     }  # fmt: skip
 
+    RESULTS.mkdir(exist_ok=True)
+    name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{args.model}-{args.device.replace(':', '')}.json"
+
     def report(key: str, value: Any) -> None:
         results[key] = value
         print(f"{key}: {json.dumps(value)}", flush=True)
+        # Written as it goes: a long run stopped early keeps what it measured.
+        (RESULTS / name).write_text(json.dumps(results, indent=2))
 
     model, preprocess, tokenizer = load_model(args)
 
@@ -466,9 +471,6 @@ def main() -> int:
     if "labels" in parts:
         report("big_label_set", big_label_set(args))
 
-    RESULTS.mkdir(exist_ok=True)
-    name = f"{datetime.now(UTC):%Y%m%d-%H%M%S}-{args.model}-{args.device.replace(':', '')}.json"
-    (RESULTS / name).write_text(json.dumps(results, indent=2))
     print(f"Written to {RESULTS / name}")
     return 0
 

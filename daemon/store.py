@@ -95,8 +95,12 @@ class Store:
                     f"No tag database at {db_path} yet: start the daemon (cliptagd run) "
                     "or tag a folder (cliptagd scan) first."
                 )
-            if not readonly:
-                db_path.parent.mkdir(parents=True, exist_ok=True)
+            if not readonly and not db_path.exists():
+                # The database lists the paths of private photos: the owner writes it, its
+                # group (a "query" group) may read it, others see nothing. SQLite gives the
+                # -wal and -shm files the same mode.
+                db_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+                os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o640))
         self.engine = self._create_engine(url)
 
     def _create_engine(self, url: str) -> Engine:

@@ -311,7 +311,7 @@ class ClipTagger:
 
     def _write_cache(self, path: Path, tensors: dict[str, torch.Tensor]) -> None:
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             partial = path.with_suffix(".partial")
             save_file(tensors, partial)
             partial.replace(path)  # atomic: a reader never sees half a file

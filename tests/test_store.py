@@ -216,3 +216,9 @@ def test_record_crash_quarantines_after_max_attempts(store: Store) -> None:
     assert store.record_crash([a.photo_id], "crashed", 2) == 1
     assert store.counts() == {"pending": 1, "tagged": 0, "failed": 1}
     assert [j.path for j in store.claim_ids([a.photo_id, b.photo_id], 5)] == ["/p/b.jpg"]
+
+
+def test_new_database_is_private(tmp_path: Path) -> None:
+    Store(f"sqlite:///{tmp_path / 'new' / 'tags.db'}").migrate()
+    assert (tmp_path / "new" / "tags.db").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "new").stat().st_mode & 0o777 == 0o750

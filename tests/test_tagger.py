@@ -233,3 +233,12 @@ def test_cuda_matches_cpu(tiny_model: Path, tmp_path: Path) -> None:
     for a, b in zip(cpu.tag(batch), gpu.tag(batch), strict=True):
         assert a[0].label == b[0].label
         assert a[0].score == pytest.approx(b[0].score, abs=2e-2)
+
+
+def test_truncated_weights_are_refused_not_half_used(tiny_model: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model, folder)
+    weights = folder / "open_clip_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(ModelLoadError, match="Cannot load the model local-dir:"):
+        make_tagger(folder, tmp_path / "cache")

@@ -22,8 +22,8 @@ USER_UNIT = SYSTEMD_DIR / "cliptagd-user.service"
 SYSUSERS = SYSTEMD_DIR / "cliptagd.sysusers.conf"
 
 # `systemd-analyze security` rates 0 (locked down) to 10 (a bare unit scores ~9 "UNSAFE");
-# below 5 is what it calls "OK"/"MEDIUM". Ours scores ~1.7.
-MAX_EXPOSURE = 5.0
+# 2.5 or less is what it calls "OK". Ours scores ~1.7.
+MAX_EXPOSURE = 2.5  # "OK" in systemd-analyze security terms
 
 # A line of verify's output that is about some unit file: "name.service:12: ..." or
 # "/lib/systemd/system/name.target: ...". Lines about other units (warnings about the host's
@@ -122,7 +122,7 @@ def test_system_unit_is_hardened(tmp_path: Path) -> None:
     assert found, f"no exposure level in:\n{result.stdout}{result.stderr}"
     exposure = float(found[1])
     print(f"exposure level of {SYSTEM_UNIT.name}: {exposure}")
-    assert exposure < MAX_EXPOSURE
+    assert exposure <= MAX_EXPOSURE
 
 
 @pytest.mark.skipif(

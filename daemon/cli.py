@@ -171,6 +171,41 @@ def scan(
     sys.exit(code)
 
 
+@cli.command("fetch-model")
+@config_option
+@click.option(
+    "--to",
+    "folder",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Also save the model here as a local-dir: folder, for machines without network.",
+)
+def fetch_model(config_path: Path | None, folder: Path | None) -> None:
+    """Download the configured model and embed the label sets, so `run` needs no network.
+
+    Run it once (as the service's user, or with the same HF_HOME) before starting the
+    service with the network cut off; or save the model to a folder and set
+    model.name: local-dir:FOLDER.
+
+    \b
+    Example:
+      cliptagd fetch-model -c /etc/cliptagd/config.yaml
+      cliptagd fetch-model -c config.yaml --to /srv/models/vit-b-32
+    """
+    config = _load(config_path)
+    _setup_logging(config)
+    from .tagger import ClipTagger, ModelLoadError
+
+    tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
+    try:
+        tagger.load()
+        if folder is not None:
+            saved = tagger.save_local_dir(folder.expanduser().resolve())
+            click.echo(f"Saved; use it with  model: {{name: 'local-dir:{saved}'}}")
+    except ModelLoadError as exc:
+        raise Failure(str(exc)) from None
+    click.echo(f"Model {tagger.model_id} is ready.")
+
+
 @cli.command()
 @config_option
 @click.option("--tag", "label", required=True, help="The label to look for.")

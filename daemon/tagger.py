@@ -318,6 +318,29 @@ class ClipTagger:
         except OSError as exc:
             log.warning("Cannot cache label embeddings in %s (%s)", path.parent, exc)
 
+    def save_local_dir(self, folder: Path) -> Path:
+        """Write the loaded model as a `local-dir:` folder (config + safetensors weights)."""
+        from safetensors.torch import save_model
+
+        name = self.config.name
+        if name.startswith(LOCAL_DIR):
+            source = Path(name[len(LOCAL_DIR) :]) / "open_clip_config.json"
+            model_cfg = json.loads(source.read_text())["model_cfg"]
+        elif name.startswith(HF_HUB):
+            raise ModelLoadError(
+                f"{name} is already a folder of open_clip_config.json and weights on the hub: "
+                "download it as it is (huggingface-cli download REPO --local-dir FOLDER)."
+            )
+        else:
+            model_cfg = open_clip.get_model_config(name)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {"model_cfg": model_cfg, "preprocess_cfg": dict(self._model.visual.preprocess_cfg)}
+        (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+        partial = folder / "open_clip_model.safetensors.partial"
+        save_model(self._model, str(partial))
+        partial.replace(folder / "open_clip_model.safetensors")
+        return folder
+
     # -- tagging --------------------------------------------------------------------------
 
     @property

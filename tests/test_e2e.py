@@ -358,3 +358,22 @@ def test_queries_before_any_database(tmp_path: Path, make_config: ConfigFactory)
     result = cliptagd("status", "-c", make_config(), check=False)
     assert result.returncode == 1
     assert "No tag database at" in result.stderr
+
+
+def test_fetch_model_saves_a_local_dir_that_tags_the_same(
+    tmp_path: Path, make_config: ConfigFactory, tiny_model: Path
+) -> None:
+    folder = tmp_path / "saved-model"
+    result = cliptagd("fetch-model", "-c", make_config(), "--to", folder)
+    assert f"local-dir:{folder}" in result.stdout
+    assert (tmp_path / "cache" / "labels").is_dir()  # label embeddings made ahead too
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / "open_clip_model.safetensors")
+    original = load_file(tiny_model / "open_clip_model.safetensors")
+    assert saved.keys() == original.keys()
+    assert all(bool((saved[k] == original[k]).all()) for k in saved)
+    assert (
+        json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+        == (json.loads((tiny_model / "open_clip_config.json").read_text())["model_cfg"])
+    )

@@ -208,11 +208,14 @@ def worker_main(config: Config, jobs: Any, messages: Any, stop: Any, log_level: 
             messages.put(Fatal(f"The worker failed to start: {exc}", model=False))
         return
     loop.run()
-    # Everything the parent needs has been sent: flush it, then leave without the
-    # interpreter's teardown, which can abort while torch's and the decoders' threads unwind
-    # ("terminate called without an active exception") and costs time for nothing.
-    messages.close()
-    messages.join_thread()
+    if loop.orphaned:
+        messages.cancel_join_thread()  # nobody will ever read it
+    else:
+        # Everything the parent needs has been sent: flush it, then leave without the
+        # interpreter's teardown, which can abort while torch's and the decoders' threads
+        # unwind ("terminate called without an active exception") and costs time for nothing.
+        messages.close()
+        messages.join_thread()
     logging.shutdown()
     os._exit(0)
 
@@ -248,6 +251,10 @@ class _ModelLoop:
         self.room = threading.Semaphore(2 * self.config.batch_size + self.decode_threads)
         self.decoded: queue.Queue[Outcome | tuple[Job, Any]] = queue.Queue()
         self.intake_done = threading.Event()
+        # A parent killed outright (SIGKILL, OOM killer) cannot stop us: notice it instead of
+        # holding the model's memory forever.
+        self.parent = os.getppid()
+        self.orphaned = False
         self.pending = 0
         self.pending_lock = threading.Lock()
         messages.put(Ready(self.tagger.model_id, str(self.tagger.device), self.config.batch_size))
@@ -270,6 +277,11 @@ class _ModelLoop:
 
     def _feed(self, pool: ThreadPoolExecutor) -> None:
         while not self.stop.is_set():
+            if os.getppid() != self.parent:
+                log.warning("The daemon is gone; the worker exits")
+                self.orphaned = True
+                self.stop.set()
+                break
             if not self.room.acquire(timeout=0.2):
                 continue
             try:

@@ -221,3 +221,33 @@ def test_systemd_notifications(
         drain()
         assert "STOPPING=1" in received
         assert any(line.startswith("STATUS=") and "tagged" in line for line in received)
+
+
+def test_daemon_sigkilled_at_random_points_loses_nothing(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
+) -> None:
+    """SIGKILL (no cleanup at all) several times mid-work: the database stays sound and every
+    photo ends tagged exactly once."""
+    config = make_config(worker={"batch_size": 4})
+    db = tmp_path / "tags.db"
+    truth = pictures(photo_dir, 48, rng)
+    kills = 0
+    for _ in range(4):
+        with Daemon(config) as daemon:
+            assert daemon.process is not None
+            time.sleep(rng.uniform(0.5, 3.0))
+            worker = daemon.worker_pid
+            daemon.process.kill()
+            daemon.process.wait()
+            kills += 1
+        # The worker notices its parent is gone and exits too.
+        wait_for(lambda: process_gone(worker), 30, "the orphaned worker to exit")  # noqa: B023
+        assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+    with Daemon(config) as daemon:
+        wait_for(lambda: all_done(db, len(truth)), 120, "every photo after the kills")
+        assert daemon.stop() == 0
+    assert kills == 4
+    assert {Path(p): labels for p, labels in labels_of(db).items()} == {
+        p: [c] for p, c in truth.items()
+    }
+    assert rows(db, "SELECT count(*) FROM tags") == [(len(truth),)]

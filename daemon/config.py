@@ -236,27 +236,41 @@ def load_config(path: str | os.PathLike[str]) -> Config:
     try:
         config = Config.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(path, exc)) from None
+        raise ConfigError(_describe(path, raw, exc)) from None
     return _resolve_paths(config, path.resolve().parent)
 
 
-def _describe(path: Path, exc: ValidationError) -> str:
+def _describe(path: Path, raw: dict[str, Any], exc: ValidationError) -> str:
     lines = []
     for error in exc.errors():
-        # pydantic reports which member of a union failed (e.g. "str" or "LabelSpec");
-        # those are type names, not keys the user wrote, so drop them.
-        parts = [str(p) for p in error["loc"] if not (isinstance(p, str) and p[:1].isupper())]
-        parts = [p for p in parts if p not in ("str", "int", "literal['auto']", "tuple[str, ...]")]
-        key = ".".join(parts) or "(top level)"
+        key = _key_path(raw, error["loc"], missing=error["type"] == "missing")
         message = error["msg"]
         if error["type"] == "extra_forbidden":
             message = "unknown key (check its spelling)"
         elif error["type"] == "missing":
             message = "required key is missing"
-        line = f"{path}: {key}: {message}"
+        line = f"{path}: {key or '(top level)'}: {message}"
         if line not in lines:
             lines.append(line)
     return "\n".join(lines)
+
+
+def _key_path(raw: Any, loc: tuple[int | str, ...], missing: bool) -> str:
+    """The part of pydantic's error location that the user wrote.
+
+    pydantic also puts in the union member it tried ("str", "LabelSpec"): following the raw
+    YAML along the location keeps only real keys and list indexes.
+    """
+    parts, node = [], raw
+    for position, part in enumerate(loc):
+        in_dict = isinstance(node, dict) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if in_dict or in_list:
+            node = node[part]
+        elif not (missing and position == len(loc) - 1):
+            continue  # a union member's name, not a key
+        parts.append(str(part))
+    return ".".join(parts)
 
 
 def _one_line(text: str) -> str:

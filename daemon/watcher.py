@@ -205,21 +205,19 @@ class _Handler(FileSystemEventHandler):
             watcher.complete(src)
         elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
             watcher.changed(src)
-        elif isinstance(event, FileMovedEvent):
+        elif isinstance(event, FileMovedEvent | DirMovedEvent):
             dest = os.fsdecode(event.dest_path)
-            if watcher.filter.wanted(dest):
+            is_dir = isinstance(event, DirMovedEvent)
+            wanted = watcher.filter.wanted_folder if is_dir else watcher.filter.wanted
+            if wanted(dest):
                 watcher.moved(src, dest)
             else:
                 watcher.removed(src)
-            watcher.complete(dest)
+            if is_dir:
+                watcher.folder_appeared(dest)
+            else:
+                watcher.complete(dest)
         elif isinstance(event, FileDeletedEvent | DirDeletedEvent):
             watcher.removed(src)
-        elif isinstance(event, DirMovedEvent):
-            dest = os.fsdecode(event.dest_path)
-            if watcher.filter.wanted_folder(dest):
-                watcher.moved(src, dest)
-            else:
-                watcher.removed(src)
-            watcher.folder_appeared(dest)
         elif isinstance(event, DirCreatedEvent):
             watcher.folder_appeared(src)

@@ -23,6 +23,7 @@ from multiprocessing.context import SpawnProcess
 from typing import Any
 
 from .config import Config
+from .decode import UnreadableImage, open_rgb
 from .jobs import Job, Outcome
 
 log = logging.getLogger(__name__)
@@ -305,8 +306,6 @@ class _ModelLoop:
             return self.pending == 0
 
     def _decode(self, job: Job) -> None:
-        from .decode import UnreadableImage, open_rgb
-
         try:
             image = open_rgb(job.path, self.min_side, self.config.max_pixels)
             item: Outcome | tuple[Job, Any] = (job, self.tagger.preprocess(image))

@@ -85,6 +85,18 @@ def test_invalid_values_name_the_file_and_key(
     assert expected in message
 
 
+def test_keys_are_named_as_written(tmp_path: Path) -> None:
+    data = {
+        **MINIMAL,
+        "label_sets": {
+            "Scene": {"labels": ["a", {"name": "b", "prompt": ["x"]}], "threshold": 2},
+        },
+    }
+    message = error_for(tmp_path, data)
+    assert "label_sets.Scene.threshold: Input should be less than or equal to 1" in message
+    assert "label_sets.Scene.labels.1.prompt: unknown key" in message
+
+
 def test_label_with_own_prompts(tmp_path: Path) -> None:
     data = {
         **MINIMAL,

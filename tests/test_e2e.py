@@ -325,6 +325,54 @@ def test_scan_tags_a_folder_and_matches_the_reference(
     assert str(extra) in after
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+def test_scan_on_cuda_with_autocast_matches_the_reference(
+    make_config: ConfigFactory,
+    photo_dir: Path,
+    tmp_path: Path,
+    rng: random.Random,
+    tiny_model: Path,
+) -> None:
+    """The whole CUDA path: device auto, fp16 autocast, pinned memory, every core decoding."""
+    from tests.test_tagger import classic_zero_shot
+
+    config = make_config(
+        model={"device": "auto", "precision": "auto"},
+        worker={"batch_size": 16},
+        label_sets={
+            "colour": {"templates": [tinyclip.TEMPLATE], "labels": list(tinyclip.COLOURS),
+                       "top_k": 4}
+        },
+    )  # fmt: skip
+    colours = list(tinyclip.COLOURS)
+    truth = {
+        save_picture(photo_dir, f"p{i}.jpg", colours[i % 4], rng): colours[i % 4] for i in range(40)
+    }
+    result = cliptagd("scan", "-c", config)
+    assert "Scan done: 40 tagged, 0 pending, 0 failed" in result.stderr
+    assert re.search(r"Worker \d+ ready: model \S+ on cuda", result.stderr), result.stderr
+    scores: dict[str, dict[str, float]] = {}
+    query = "SELECT path, label, score FROM photo_tags"
+    for path, label, score in rows(tmp_path / "tags.db", query):
+        scores.setdefault(str(path), {})[str(label)] = float(score)  # type: ignore[arg-type]
+    from PIL import Image
+
+    for path, colour in truth.items():
+        assert max(scores[str(path)], key=scores[str(path)].__getitem__) == colour
+        with Image.open(path) as img:
+            reference = classic_zero_shot(tiny_model, img.convert("RGB"))
+        for label, expected in zip(colours, reference, strict=True):
+            # fp16 autocast against the fp32 CPU reference
+            assert scores[str(path)][label] == pytest.approx(expected, abs=2e-2)
+
+
 def test_bad_config_exits_78_naming_file_and_key(
     tmp_path: Path, make_config: ConfigFactory
 ) -> None:

@@ -27,6 +27,9 @@ class Status(StrEnum):
     PENDING = "pending"
     TAGGED = "tagged"
     FAILED = "failed"
+    # The file is gone. The row and its tags are kept for a while, out of every query, so a
+    # photo that reappears elsewhere (a move no event reported) keeps its tags.
+    DELETED = "deleted"
 
 
 class Base(DeclarativeBase):
@@ -49,12 +52,15 @@ class Photo(Base):
     model_id: Mapped[str | None] = mapped_column(Text, default=None)
     queued_at: Mapped[datetime] = mapped_column(DateTime)
     tagged_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    # jobs.fingerprint of the file as it was tagged: recognises it under another path.
+    fingerprint: Mapped[str | None] = mapped_column(Text, default=None)
+    deleted_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
 
     tags: Mapped[list[Tag]] = relationship(
         back_populates="photo", cascade="all, delete-orphan", passive_deletes=True
     )
 
-    __table_args__ = (Index("ix_photos_status", "status"),)
+    __table_args__ = (Index("ix_photos_status", "status"), Index("ix_photos_size", "size"))
 
 
 class Tag(Base):

@@ -21,7 +21,7 @@ from .jobs import Outcome
 from .notify import Notifier
 from .pipeline import Pipeline
 from .scanner import PathFilter, walk
-from .store import Store
+from .store import KEEP_DELETED, Store
 from .watcher import Watcher
 from .worker import ModelUnavailable, Worker, WorkerError
 
@@ -281,6 +281,9 @@ class Daemon:
         self.next_rescan = time.monotonic() + minutes * 60 if minutes else float("inf")
         if self.scanner is not None and self.scanner.is_alive():
             return
+        purged = self.store.purge_deleted()
+        if purged:
+            log.info("Dropped %d photo(s) deleted over %d days ago", purged, KEEP_DELETED.days)
         self.scanner = _scan_in_background(
             self.config.watch.paths,
             _path_filter(self.config),

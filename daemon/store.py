@@ -31,7 +31,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import ArgumentError, OperationalError
 
-from .jobs import FileStat, Job, Outcome
+from .jobs import FileStat, Job, Outcome, fingerprint
 from .models import Photo, Status, Tag
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,10 @@ CHUNK = 500
 # A photo whose decoding failed in a way that may pass (still being written) waits this long
 # per attempt before it is tried again.
 RETRY_DELAY = timedelta(seconds=5)
+
+# A deleted photo's row (and tags) is kept this long, so the photo keeps its tags if it
+# reappears under another path (moved while the daemon was stopped, or to another disk).
+KEEP_DELETED = timedelta(days=30)
 
 
 class StoreError(Exception):
@@ -208,7 +212,8 @@ class Store:
         """Record new or changed files as pending; return how many became pending.
 
         An unchanged file (same path, size and mtime) already tagged or failed is left alone,
-        so nothing is processed twice.
+        so nothing is processed twice. A new path whose content is that of a photo deleted,
+        or no longer at its own path, is that photo moved: its row follows it, tags and all.
         """
         queued = 0
         for chunk in _chunks(stats, CHUNK):
@@ -223,9 +228,13 @@ class Store:
                         )
                     )
                 }
+                new = [stat for path, stat in by_path.items() if path not in existing]
+                moved = self._recognise_moves(conn, new)
                 new_rows = []
                 for stat in by_path.values():
                     row = existing.get(stat.path)
+                    if stat.path in moved:
+                        continue
                     if row is None:
                         new_rows.append(
                             {"path": stat.path, "size": stat.size, "mtime": stat.mtime,
@@ -236,14 +245,64 @@ class Store:
                             update(Photo).where(Photo.id == row.id).values(
                                 size=stat.size, mtime=stat.mtime, status=Status.PENDING,
                                 error=None, attempts=0, retry_at=None, queued_at=now,
+                                deleted_at=None,
                             )
                         )  # fmt: skip
+                    elif row.status == Status.DELETED:
+                        # Put back unchanged (restored from a trash, say): its tags hold.
+                        conn.execute(
+                            update(Photo)
+                            .where(Photo.id == row.id)
+                            .values(status=Status.TAGGED, deleted_at=None)
+                        )
+                        continue
                     else:
                         continue
                     queued += 1
                 if new_rows:
                     conn.execute(insert(Photo), new_rows)
         return queued
+
+    def _recognise_moves(self, conn: Connection, new: Sequence[FileStat]) -> set[str]:
+        """Among files at new paths, those that are a tagged photo gone from its own path:
+        move its row to them and return their paths. Only files whose size matches such a
+        photo's are read (128 KiB each), so most new photos cost one indexed lookup."""
+        if not new:
+            return set()
+        candidates: dict[int, list[Any]] = {}
+        for row in conn.execute(
+            select(Photo.id, Photo.path, Photo.size, Photo.fingerprint, Photo.status).where(
+                Photo.size.in_({stat.size for stat in new}),
+                Photo.fingerprint.is_not(None),
+                Photo.status.in_([Status.TAGGED, Status.DELETED]),
+            )
+        ):
+            candidates.setdefault(row.size, []).append(row)
+        moved: set[str] = set()
+        taken: set[int] = set()
+        for stat in new:
+            rows = [row for row in candidates.get(stat.size, ()) if row.id not in taken]
+            if not rows:
+                continue
+            try:
+                print_ = fingerprint(stat.path)
+            except OSError:
+                continue
+            for row in rows:
+                # A tagged photo still at its path was copied, not moved: tag the copy.
+                gone = row.status == Status.DELETED or not os.path.exists(row.path)
+                if row.fingerprint == print_ and gone:
+                    conn.execute(
+                        update(Photo).where(Photo.id == row.id).values(
+                            path=stat.path, mtime=stat.mtime, status=Status.TAGGED,
+                            deleted_at=None,
+                        )
+                    )  # fmt: skip
+                    log.info("Recognised %s as %s, moved: tags kept", stat.path, row.path)
+                    moved.add(stat.path)
+                    taken.add(row.id)
+                    break
+        return moved
 
     def claim(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
         """Up to `limit` pending photos that are due, oldest first, not among `exclude`."""
@@ -281,7 +340,7 @@ class Store:
                 if outcome.ok:
                     values: dict[str, Any] = {
                         "status": Status.TAGGED, "error": None, "model_id": model_id,
-                        "tagged_at": now, "retry_at": None,
+                        "tagged_at": now, "retry_at": None, "fingerprint": outcome.fingerprint,
                     }  # fmt: skip
                 else:
                     attempts = conn.scalar(select(Photo.attempts).where(current))
@@ -368,7 +427,7 @@ class Store:
         while True:
             query = (
                 select(Photo.id, Photo.path)
-                .where(Photo.id > last_id, or_(*under))
+                .where(Photo.id > last_id, Photo.status != Status.DELETED, or_(*under))
                 .order_by(Photo.id)
                 .limit(CHUNK)
             )
@@ -382,12 +441,29 @@ class Store:
             last_id = rows[-1].id
 
     def remove(self, path: str) -> int:
-        """Forget a deleted file, or every file under a deleted folder; return the count."""
+        """Mark a deleted file, or every file under a deleted folder, as deleted: out of every
+        query, kept a while in case it reappears elsewhere. Return the count."""
         prefix = path.rstrip(os.sep) + os.sep
+        under = (Photo.path == path) | Photo.path.startswith(prefix, autoescape=True)
+        with self.engine.begin() as conn:
+            # Only a tagged photo is worth keeping: anything else is simply redone if it
+            # comes back.
+            dropped = conn.execute(
+                delete(Photo).where(under, Photo.status.in_([Status.PENDING, Status.FAILED]))
+            )
+            kept = conn.execute(
+                update(Photo)
+                .where(under, Photo.status == Status.TAGGED)
+                .values(status=Status.DELETED, deleted_at=_now())
+            )
+            return dropped.rowcount + kept.rowcount
+
+    def purge_deleted(self, older_than: timedelta = KEEP_DELETED) -> int:
+        """Drop the rows of photos deleted more than `older_than` ago; return the count."""
         with self.engine.begin() as conn:
             result = conn.execute(
                 delete(Photo).where(
-                    (Photo.path == path) | Photo.path.startswith(prefix, autoescape=True)
+                    Photo.status == Status.DELETED, Photo.deleted_at < _now() - older_than
                 )
             )
             return result.rowcount
@@ -442,6 +518,8 @@ class Store:
         """Every label in use with its number of photos, per set."""
         stmt = (
             select(Tag.label_set, Tag.label, func.count())
+            .join(Photo, Photo.id == Tag.photo_id)
+            .where(Photo.status == Status.TAGGED)
             .group_by(Tag.label_set, Tag.label)
             .order_by(Tag.label_set, func.count().desc(), Tag.label)
         )

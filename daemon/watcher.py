@@ -8,6 +8,7 @@ catch-up scan at start finds whatever happened while nobody was watching.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -29,7 +30,7 @@ from watchdog.events import (
     FileSystemEventHandler,
 )
 from watchdog.observers import Observer
-from watchdog.observers.api import BaseObserver
+from watchdog.observers.api import BaseObserver, ObservedWatch
 from watchdog.observers.polling import PollingObserver
 
 from .jobs import FileStat
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 
 # How often files waiting to settle are looked at again.
 TICK_SECONDS = 0.2
+# How often the watched roots themselves are looked at: a root deleted and made again (an
+# unmounted disk, a restored backup) is a new folder that the old watch no longer sees.
+ROOT_CHECK_SECONDS = 1.0
 
 
 class Watcher:
@@ -69,14 +73,16 @@ class Watcher:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="settle", daemon=True)
+        self._handler = _Handler(self)
+        # root -> its watch and the (device, inode) of the folder it watches; None once gone
+        self._roots: dict[Path, tuple[ObservedWatch, tuple[int, int] | None]] = {}
 
     def start(self) -> bool:
         """Start watching; False when the system refuses (the caller falls back to scans)."""
-        handler = _Handler(self)
         self._ticker.start()
         try:
             for root in self.roots:
-                self._observer.schedule(handler, str(root), recursive=True)
+                self._schedule(root)
             self._observer.start()
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
@@ -98,6 +104,30 @@ class Watcher:
         self.watching = True
         log.info("Watching %s", ", ".join(str(root) for root in self.roots))
         return True
+
+    def _schedule(self, root: Path) -> None:
+        identity = _identity(root)
+        watch = self._observer.schedule(self._handler, str(root), recursive=True)
+        self._roots[root] = (watch, identity)
+
+    def _check_roots(self) -> None:
+        """Notice a watched root deleted, and watch it again once it is back."""
+        for root, (watch, watched) in list(self._roots.items()):
+            now = _identity(root)
+            if now == watched:
+                continue
+            if watched is not None:
+                self.removed(str(root))  # marks it gone
+            if now is not None:
+                with contextlib.suppress(KeyError):  # its emitter may have ended itself
+                    self._observer.unschedule(watch)
+                try:
+                    self._schedule(root)
+                except OSError as exc:
+                    log.error("Cannot watch %s again: %s", root, exc)
+                    continue
+                log.info("The watched folder %s is back: watching it again", root)
+                self.on_folder(str(root))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -144,6 +174,13 @@ class Watcher:
             prefix = path.rstrip(os.sep) + os.sep
             for waiting in [p for p in self._settling if p == path or p.startswith(prefix)]:
                 del self._settling[waiting]
+            root = Path(path)
+            if root in self._roots and self._roots[root][1] is not None:
+                # Its watch ended with it. Marked gone here, not only when the root check
+                # sees it missing: a folder made again at once may get the same inode.
+                self._roots[root] = (self._roots[root][0], None)
+                log.warning("The watched folder %s is gone; its photos leave the queries "
+                            "until it is back.", root)  # fmt: skip
         self.on_removed(path)
 
     def moved(self, src: str, dest: str) -> None:
@@ -163,8 +200,12 @@ class Watcher:
     # -- the settle ticker ------------------------------------------------------------------
 
     def _tick(self) -> None:
+        next_root_check = time.monotonic() + ROOT_CHECK_SECONDS
         while not self._stopping.wait(TICK_SECONDS):
             now = time.monotonic()
+            if self.watching and now >= next_root_check:
+                next_root_check = now + ROOT_CHECK_SECONDS
+                self._check_roots()
             with self._lock:
                 due = [
                     (path, size, mtime)
@@ -186,6 +227,14 @@ class Watcher:
                         continue
                     del self._settling[path]
                 self.on_ready(stat)
+
+
+def _identity(folder: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(folder)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 class _Handler(FileSystemEventHandler):

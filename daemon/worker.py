@@ -24,9 +24,12 @@ from typing import Any
 
 from .config import Config
 from .decode import UnreadableImage, open_rgb
-from .jobs import Job, Outcome
+from .jobs import Job, Outcome, fingerprint
 
 log = logging.getLogger(__name__)
+
+# A photo ready for the model: its job, its content fingerprint, its preprocessed pixels.
+Decoded = tuple[Job, str, Any]
 
 
 class WorkerError(Exception):
@@ -250,7 +253,7 @@ class _ModelLoop:
         # Decoded photos waiting for the model: two batches' worth keeps the model fed while
         # bounding memory (a preprocessed ViT-B-32 photo is 0.6 MB).
         self.room = threading.Semaphore(2 * self.config.batch_size + self.decode_threads)
-        self.decoded: queue.Queue[Outcome | tuple[Job, Any]] = queue.Queue()
+        self.decoded: queue.Queue[Outcome | Decoded] = queue.Queue()
         self.intake_done = threading.Event()
         # A parent killed outright (SIGKILL, OOM killer) cannot stop us: notice it instead of
         # holding the model's memory forever.
@@ -308,7 +311,9 @@ class _ModelLoop:
     def _decode(self, job: Job) -> None:
         try:
             image = open_rgb(job.path, self.min_side, self.config.max_pixels)
-            item: Outcome | tuple[Job, Any] = (job, self.tagger.preprocess(image))
+            # Read now, while the file is in the page cache: it recognises the photo if it
+            # is later moved where no event says so.
+            item: Outcome | Decoded = (job, fingerprint(job.path), self.tagger.preprocess(image))
         except UnreadableImage as exc:
             item = Outcome(job, error=str(exc), retry=exc.retry)
         except Exception as exc:  # a decoder bug must cost one photo, not the worker
@@ -316,7 +321,7 @@ class _ModelLoop:
             item = Outcome(job, error=f"cannot decode ({type(exc).__name__}: {exc})")
         self.decoded.put(item)
 
-    def _next_batch(self) -> list[Outcome | tuple[Job, Any]] | None:
+    def _next_batch(self) -> list[Outcome | Decoded] | None:
         try:
             first = self.decoded.get(timeout=0.2)
         except queue.Empty:
@@ -336,21 +341,21 @@ class _ModelLoop:
             batch.append(item)
         return batch
 
-    def _process(self, batch: list[Outcome | tuple[Job, Any]]) -> None:
+    def _process(self, batch: list[Outcome | Decoded]) -> None:
         import torch
 
         outcomes = [item for item in batch if isinstance(item, Outcome)]
         decoded = [item for item in batch if not isinstance(item, Outcome)]
         if decoded:
             try:
-                pixels = torch.stack([tensor for _, tensor in decoded])
-                for (job, _), tags in zip(decoded, self.tagger.tag(pixels), strict=True):
-                    outcomes.append(Outcome(job, tags=tags))
+                pixels = torch.stack([tensor for *_, tensor in decoded])
+                for (job, print_, _), tags in zip(decoded, self.tagger.tag(pixels), strict=True):
+                    outcomes.append(Outcome(job, tags=tags, fingerprint=print_))
             except Exception as exc:  # e.g. CUDA out of memory: fail the batch, keep running
                 log.exception("The model failed on a batch of %d photos", len(decoded))
                 outcomes.extend(
                     Outcome(job, error=f"model error ({type(exc).__name__}: {exc})", retry=True)
-                    for job, _ in decoded
+                    for job, *_ in decoded
                 )
         self.messages.put(Batch(tuple(outcomes)))
         with self.pending_lock:

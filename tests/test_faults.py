@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -60,7 +63,7 @@ def test_a_poison_photo_is_quarantined_and_the_rest_of_its_batch_tagged(tmp_path
             pipeline.worker_died(str(exc))
         if store.counts()["pending"] == 0:
             break
-    assert store.counts() == {"pending": 0, "tagged": 19, "failed": 1}
+    assert store.counts() == {"pending": 0, "tagged": 19, "failed": 1, "deleted": 0}
     (failure,) = store.failures()
     assert failure.path == "/p/07.jpg"
     assert "crashed or stalled the worker 3 times" in (failure.error or "")
@@ -156,11 +159,12 @@ def test_moves_keep_tags_and_deletes_forget_them(
 ) -> None:
     config = make_config()
     db = tmp_path / "tags.db"
+    live = "SELECT path, tagged_at FROM photos WHERE status != 'deleted'"
     truth = pictures(photo_dir / "album", 4, rng)
     doomed = save_picture(photo_dir, "doomed.png", "green", rng)
     with Daemon(config) as daemon:
         wait_for(lambda: all_done(db, 5), 60, "the catch-up")
-        before = dict(rows(db, "SELECT path, tagged_at FROM photos"))
+        before = dict(rows(db, live))
         photo = next(iter(truth))
         os.rename(photo, photo_dir / "renamed.png")
         os.rename(photo_dir / "album", photo_dir / "album-2024")
@@ -169,17 +173,35 @@ def test_moves_keep_tags_and_deletes_forget_them(
             str(photo_dir / "renamed.png"): before[str(photo)],
             **{str(photo_dir / "album-2024" / p.name): before[str(p)] for p in truth if p != photo},
         }
-        wait_for(
-            lambda: dict(rows(db, "SELECT path, tagged_at FROM photos")) == renamed,
-            30,
-            "the rows to follow the moves",
-        )
+        wait_for(lambda: dict(rows(db, live)) == renamed, 30, "the rows to follow the moves")
         assert str(doomed) not in labels_of(db)
+        assert statuses(db)[str(doomed)] == ("deleted", None)
+
+        # Moved to another disk: a delete, then a new file with the same content.
+        other_disk = tmp_path / "other-disk"
+        other_disk.mkdir()
+        moving = photo_dir / "album-2024" / sorted(p.name for p in truth if p != photo)[0]
+        shutil.copy2(moving, other_disk / "carried.png")
+        moving.unlink()
+        wait_for(lambda: statuses(db)[str(moving)][0] == "deleted", 30, "the delete")
+        shutil.copy2(other_disk / "carried.png", photo_dir / "carried.png")
+        wait_for(lambda: str(photo_dir / "carried.png") in labels_of(db), 30, "the move")
+        assert dict(rows(db, live))[str(photo_dir / "carried.png")] == renamed[str(moving)]
         assert daemon.stop() == 0
-    # Deleted while stopped: forgotten by the catch-up scan at the next start.
+    assert "Recognised " + str(photo_dir / "carried.png") in daemon.log
+
+    # While stopped: one photo deleted, one moved into a new folder.
     (photo_dir / "renamed.png").unlink()
+    kept = photo_dir / "album-2024" / sorted(p.name for p in truth if p != photo)[1]
+    (photo_dir / "elsewhere").mkdir()
+    moved = photo_dir / "elsewhere" / "kept.png"
+    os.rename(kept, moved)
+    ids_before = dict(rows(db, "SELECT path, id FROM photos"))
     with Daemon(config) as daemon:
-        wait_for(lambda: str(photo_dir / "renamed.png") not in statuses(db), 30, "the prune")
+        wait_for(lambda: str(photo_dir / "renamed.png") not in labels_of(db), 30, "the prune")
+        wait_for(lambda: str(moved) in labels_of(db), 30, "the move to be recognised")
+        assert dict(rows(db, "SELECT path, id FROM photos"))[str(moved)] == ids_before[str(kept)]
+        assert dict(rows(db, live))[str(moved)] == renamed[str(kept)]  # not tagged again
         assert daemon.stop() == 0
 
 
@@ -251,3 +273,39 @@ def test_daemon_sigkilled_at_random_points_loses_nothing(
         p: [c] for p, c in truth.items()
     }
     assert rows(db, "SELECT count(*) FROM tags") == [(len(truth),)]
+
+
+# -- the writer killed mid-transaction, many times ---------------------------------------------
+
+KILLS = int(os.environ.get("CLIPTAGD_KILLS", "40"))
+
+
+@pytest.mark.slow
+def test_writer_sigkilled_mid_transaction_keeps_the_database_sound(tmp_path: Path) -> None:
+    """SIGKILL a process writing like the daemon at random moments, KILLS times: after each,
+    the database passes integrity_check and every batch is all or nothing."""
+    db = tmp_path / "tags.db"
+    url = f"sqlite:///{db}"
+    Store(url).migrate()
+    rng = random.Random(3)
+    for kill in range(KILLS):
+        child = subprocess.Popen(
+            [sys.executable, "-m", "tests.writer", url, str(kill)], stdout=subprocess.PIPE
+        )
+        assert child.stdout is not None
+        assert child.stdout.readline() == b"writing\n"
+        time.sleep(rng.uniform(0.0, 0.4))
+        child.kill()
+        child.wait()
+        child.stdout.close()
+        assert rows(db, "PRAGMA integrity_check") == [("ok",)]
+        # A tagged (or deleted, tags kept) photo has all three tags; any other has none.
+        has_tags = "(p.status IN ('tagged', 'deleted'))"
+        all_three = "((SELECT count(*) FROM tags t WHERE t.photo_id = p.id) = 3)"
+        torn = f"SELECT count(*) FROM photos p WHERE {has_tags} != {all_three}"
+        assert rows(db, torn) == [(0,)]
+        orphans = "SELECT count(*) FROM tags WHERE photo_id NOT IN (SELECT id FROM photos)"
+        assert rows(db, orphans) == [(0,)]
+    # The kills landed mid-work: plenty was written between them.
+    (done,) = rows(db, "SELECT count(*) FROM photos WHERE status != 'pending'")[0]
+    assert int(done) > KILLS * 16  # type: ignore[call-overload]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import sqlite3
 import threading
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from daemon.jobs import FileStat, Job, Outcome, TagScore
+from daemon.jobs import FileStat, Job, Outcome, TagScore, fingerprint
 from daemon.models import Status
 from daemon.store import Store, StoreError
 
@@ -39,7 +42,7 @@ def test_enqueue_is_idempotent_and_sees_changes(store: Store) -> None:
     jobs = store.claim(10)
     assert [job.path for job in jobs] == ["/p/a.jpg", "/p/b.jpg"]
     store.save_results([tagged(jobs[0], ("s", "x", 0.9)), tagged(jobs[1])], "m", 3)
-    assert store.counts() == {"pending": 0, "tagged": 2, "failed": 0}
+    assert store.counts() == {"pending": 0, "tagged": 2, "failed": 0, "deleted": 0}
     # Unchanged files already tagged are never processed twice...
     assert store.enqueue([a, b]) == 0
     # ...a changed one is.
@@ -90,7 +93,7 @@ def test_retryable_failure_waits_then_fails_after_max_attempts(store: Store) -> 
         conn.exec_driver_sql("UPDATE photos SET retry_at = NULL")
     (job,) = store.claim(10)
     store.save_results([Outcome(job, error="cut short", retry=True)], "m", 2)
-    assert store.counts() == {"pending": 0, "tagged": 0, "failed": 1}
+    assert store.counts() == {"pending": 0, "tagged": 0, "failed": 1, "deleted": 0}
 
 
 def test_queries(store: Store) -> None:
@@ -129,6 +132,142 @@ def test_remove_file_and_folder(store: Store) -> None:
     assert store.remove("/p/a.jpg") == 1
     assert store.remove("/p/sub") == 1  # not /p/sub2 nor /p/sub_x
     assert sorted(j.path for j in store.claim(10)) == ["/p/sub2/c.jpg", "/p/sub_x/d.jpg"]
+
+
+def tag_file(store: Store, path: Path, label: str = "x") -> int:
+    """Enqueue and tag a real file as the worker would (with its fingerprint)."""
+    store.enqueue([FileStat.of(path)])
+    (job,) = store.claim_ids([j.photo_id for j in store.claim(100) if j.path == str(path)], 1)
+    outcome = Outcome(job, tags=(TagScore("s", label, 0.9),), fingerprint=fingerprint(path))
+    assert store.save_results([outcome], "m", 3) == 1
+    return job.photo_id
+
+
+def photo_file(folder: Path, name: str, seed: int, size: int = 200_000) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_bytes(seed.to_bytes(4, "little") * (size // 4))
+    return path
+
+
+def ids(store: Store) -> dict[str, tuple[int, str]]:
+    with store.engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT path, id, status FROM photos").all()
+    return {path: (photo_id, status) for path, photo_id, status in rows}
+
+
+def test_a_deleted_photo_leaves_every_query(store: Store, tmp_path: Path) -> None:
+    a = photo_file(tmp_path, "a.jpg", 1)
+    tag_file(store, a)
+    store.enqueue([FileStat("/p/pending.jpg", 1, 1.0)])
+    a.unlink()
+    assert store.remove(str(a)) == 1
+    assert store.remove("/p/pending.jpg") == 1
+    assert store.query("x") == []
+    assert store.tags_for([str(a)]) == []
+    assert store.labels() == []
+    assert store.counts()["deleted"] == 1
+    assert store.claim(10) == []
+    assert list(store.missing_paths([str(tmp_path)])) == []
+
+
+def test_a_photo_moved_while_nobody_watched_keeps_its_row_and_tags(
+    store: Store, tmp_path: Path
+) -> None:
+    a = photo_file(tmp_path / "old", "a.jpg", 1)
+    photo_id = tag_file(store, a)
+    moved = tmp_path / "new" / "renamed.jpg"
+    moved.parent.mkdir()
+    os.rename(a, moved)
+    # Seen as a new file before the old path is known to be gone (a scan finds it first).
+    assert store.enqueue([FileStat.of(moved)]) == 0
+    assert ids(store) == {str(moved): (photo_id, Status.TAGGED)}
+    assert [r.path for r in store.query("x")] == [str(moved)]
+
+
+def test_a_photo_deleted_then_seen_elsewhere_is_recognised(store: Store, tmp_path: Path) -> None:
+    """A move to another disk: the delete comes first, then a new file with its content."""
+    a = photo_file(tmp_path / "disk1", "a.jpg", 1)
+    photo_id = tag_file(store, a)
+    elsewhere = tmp_path / "disk2" / "a.jpg"
+    elsewhere.parent.mkdir()
+    shutil.copy2(a, elsewhere)
+    a.unlink()
+    store.remove(str(a))
+    assert store.enqueue([FileStat.of(elsewhere)]) == 0
+    assert ids(store) == {str(elsewhere): (photo_id, Status.TAGGED)}
+
+
+def test_a_copy_is_tagged_on_its_own(store: Store, tmp_path: Path) -> None:
+    a = photo_file(tmp_path, "a.jpg", 1)
+    tag_file(store, a)
+    copy = tmp_path / "copy.jpg"
+    shutil.copy2(a, copy)
+    assert store.enqueue([FileStat.of(copy)]) == 1
+
+
+def test_same_size_other_content_is_not_taken_for_a_move(store: Store, tmp_path: Path) -> None:
+    a = photo_file(tmp_path, "a.jpg", 1)
+    tag_file(store, a)
+    size = a.stat().st_size
+    a.unlink()
+    store.remove(str(a))
+    other = photo_file(tmp_path, "b.jpg", 2)
+    assert other.stat().st_size == size  # a candidate by size, refused by content
+    assert store.enqueue([FileStat.of(other)]) == 1
+
+
+def test_a_deleted_photo_put_back_unchanged_is_tagged_again(store: Store, tmp_path: Path) -> None:
+    a = photo_file(tmp_path, "a.jpg", 1)
+    photo_id = tag_file(store, a)
+    store.remove(str(a))
+    assert store.enqueue([FileStat.of(a)]) == 0
+    assert ids(store) == {str(a): (photo_id, Status.TAGGED)}
+    assert [r.path for r in store.query("x")] == [str(a)]
+
+
+def test_deleted_rows_are_purged_after_a_while(store: Store, tmp_path: Path) -> None:
+    a = photo_file(tmp_path, "a.jpg", 1)
+    tag_file(store, a)
+    store.remove(str(a))
+    assert store.purge_deleted() == 0  # kept for now
+    assert store.purge_deleted(timedelta(0)) == 1
+    assert ids(store) == {}
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM tags").scalar() == 0
+
+
+def test_fingerprint_reads_head_and_tail(tmp_path: Path) -> None:
+    a = photo_file(tmp_path, "a.bin", 1, size=1_000_000)
+    b = tmp_path / "b.bin"
+    data = bytearray(a.read_bytes())
+    data[-1] ^= 0xFF  # the last byte differs
+    b.write_bytes(bytes(data))
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(a) == fingerprint(a)
+    small = photo_file(tmp_path, "small.bin", 3, size=100)
+    assert len(fingerprint(small)) == 32
+
+
+def test_a_database_of_the_first_schema_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    from alembic import command
+
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    cfg, _ = store._alembic()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        conn.exec_driver_sql(
+            "INSERT INTO photos (path, size, mtime, status, attempts, queued_at) "
+            "VALUES ('/p/a.jpg', 1, 1.0, 'tagged', 0, '2026-01-01 00:00:00')"
+        )
+        conn.exec_driver_sql("INSERT INTO tags (photo_id, label_set, label, score) "
+                             "VALUES (1, 's', 'x', 0.9)")  # fmt: skip
+    store.migrate()
+    assert [r.path for r in store.query("x")] == ["/p/a.jpg"]
+    with store.engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM photo_tags").scalar() == 1
+        assert conn.exec_driver_sql("SELECT fingerprint FROM photos").scalar() is None
 
 
 def test_readonly_store_needs_existing_database(tmp_path: Path) -> None:
@@ -214,7 +353,7 @@ def test_record_crash_quarantines_after_max_attempts(store: Store) -> None:
     a, b = store.claim(2)
     assert store.record_crash([a.photo_id, b.photo_id], "crashed", 2) == 0
     assert store.record_crash([a.photo_id], "crashed", 2) == 1
-    assert store.counts() == {"pending": 1, "tagged": 0, "failed": 1}
+    assert store.counts() == {"pending": 1, "tagged": 0, "failed": 1, "deleted": 0}
     assert [j.path for j in store.claim_ids([a.photo_id, b.photo_id], 5)] == ["/p/b.jpg"]
 
 

@@ -286,3 +286,31 @@ def test_files_that_are_not_photos_are_ignored(root: Path) -> None:
         quiet_for(SETTLE + 0.5)
 
         assert calls.ready == [photo]
+
+
+@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+def test_a_root_deleted_and_made_again_is_watched_again(root: Path, polling: bool) -> None:
+    calls = Calls()
+    watcher = Watcher(
+        [root],
+        PathFilter([root], DEFAULT_EXTENSIONS, DEFAULT_EXCLUDE),
+        SETTLE,
+        on_ready=calls.on_ready,
+        on_removed=calls.on_removed,
+        on_folder=calls.on_folder,
+        polling=polling,
+    )
+    assert watcher.start()
+    try:
+        write(root / "a.jpg", jpeg_bytes())
+        wait_for(lambda: calls.ready, timeout=PATIENCE, what="the first photo")
+        shutil.rmtree(root)
+        wait_for(lambda: str(root) in calls.removed, timeout=PATIENCE, what="the root's removal")
+        root.mkdir()
+        wait_for(lambda: str(root) in calls.folders, timeout=PATIENCE, what="the root's return")
+        # Events from the new folder arrive: it is really watched, not only scanned once.
+        again = write(root / "b.jpg", jpeg_bytes(1))
+        wait_for(lambda: again in calls.ready, timeout=PATIENCE, what="a photo in the new root")
+        assert watcher.alive
+    finally:
+        watcher.stop()

@@ -1,4 +1,4 @@
-"""The command line: `cliptagd run|scan|query|tags|labels|status`.
+"""The command line: `cliptagd run|scan|query|tags|labels|search|retag|status`.
 
 The edge of the program: named errors from below become one clear sentence and an exit code
 here, and nowhere else. The query commands never import torch, so they answer at once.
@@ -14,13 +14,17 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
 from .config import Config, ConfigError, find_config, load_config
-from .store import Store, StoreError, TagRow
+from .store import Store, StoreError, TagQuery, TagRow
+
+if TYPE_CHECKING:
+    from .tagger import ClipTagger
 
 # Exit codes. 78 is EX_CONFIG from sysexits.h: the systemd unit does not restart on it, since
 # a restart cannot fix a config.
@@ -96,13 +100,24 @@ def _setup_logging(config: Config | None, verbose: bool = False) -> None:
     logging.getLogger("daemon").setLevel(level)
 
 
-def _open_readonly(config: Config) -> Store:
+def _load_tagger(config: Config) -> ClipTagger:
+    from .tagger import ClipTagger, ModelLoadError
+
+    tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
     try:
-        store = Store(config.database.url, readonly=True)
-        store.check_schema()
+        tagger.load()
+    except ModelLoadError as exc:
+        raise Failure(str(exc)) from None
+    return tagger
+
+
+def _open_readonly(config: Config) -> Store:
+    from .api import open_database
+
+    try:
+        return open_database(url=config.database.url)
     except StoreError as exc:
         raise Failure(str(exc)) from None
-    return store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -206,36 +221,79 @@ def fetch_model(config_path: Path | None, folder: Path | None) -> None:
     click.echo(f"Model {tagger.model_id} is ready.")
 
 
+DATE = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
+
+
 @cli.command()
 @config_option
-@click.option("--tag", "label", required=True, help="The label to look for.")
-@click.option("--set", "label_set", help="Only in this label set.")
+@click.option("--tag", "tags_", multiple=True, help="A label the photos carry (all of them).")
+@click.option("--any-tag", multiple=True, help="Labels of which the photos carry at least one.")
+@click.option("--not-tag", multiple=True, help="Labels the photos do not carry.")
+@click.option("--set", "label_set", help="Only tags of this label set.")
 @click.option("--min-score", type=click.FloatRange(0, 1), help="Only tags scored at least this.")
+@click.option("--under", type=click.Path(path_type=Path), help="Only photos under this folder.")
+@click.option("--since", type=DATE, help="Only photos whose file time is this or later.")
+@click.option("--until", type=DATE, help="Only photos whose file time is before this.")
+@click.option("--limit", type=click.IntRange(1), help="At most this many photos.")
+@click.option(
+    "--sort", type=click.Choice(["score", "time", "path"]), default="score", show_default=True
+)
 @format_option
 def query(
-    config_path: Path | None, label: str, label_set: str | None, min_score: float | None, fmt: str
+    config_path: Path | None,
+    tags_: tuple[str, ...],
+    any_tag: tuple[str, ...],
+    not_tag: tuple[str, ...],
+    label_set: str | None,
+    min_score: float | None,
+    under: Path | None,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int | None,
+    sort: Literal["score", "time", "path"],
+    fmt: str,
 ) -> None:
-    """List the photos tagged LABEL, best score first.
+    """List the photos matching the tags asked, with those tags' scores.
+
+    Dates are local time; a photo's time is its file's modification time.
 
     \b
     Example:
       cliptagd query -c config.yaml --tag beach --min-score 0.5 --format paths
+      cliptagd query -c config.yaml --tag dog --tag beach --not-tag night --since 2024-06-01
+      cliptagd query -c config.yaml --any-tag cat --any-tag dog --under ~/Pictures/2024
     """
     config = _load(config_path)
     store = _open_readonly(config)
-    _print_tags(store.query(label, label_set, min_score), fmt)
+    q = TagQuery(
+        tags=tags_, any_tags=any_tag, not_tags=not_tag, label_set=label_set,
+        min_score=min_score,
+        under=os.path.abspath(under.expanduser()) if under else None,
+        since=since.timestamp() if since else None,
+        until=until.timestamp() if until else None,
+        limit=limit, sort=sort,
+    )  # fmt: skip
+    _print_tags(store.query(q), fmt)
 
 
 @cli.command()
 @config_option
 @click.argument("photos", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--all", "every", is_flag=True,
+    help="Every label's score, kept or not, from the stored embedding (loads the model).",
+)  # fmt: skip
 @format_option
-def tags(config_path: Path | None, photos: tuple[Path, ...], fmt: str) -> None:
+def tags(config_path: Path | None, photos: tuple[Path, ...], every: bool, fmt: str) -> None:
     """Show the tags of PHOTOS with their scores.
+
+    With --all, every label of every set with its score, computed from the photo's stored
+    embedding: to see why a tag was or was not given, and choose a threshold.
 
     \b
     Example:
       cliptagd tags -c config.yaml ~/Pictures/beach.jpg
+      cliptagd tags -c config.yaml --all ~/Pictures/beach.jpg
     """
     config = _load(config_path)
     store = _open_readonly(config)
@@ -249,7 +307,113 @@ def tags(config_path: Path | None, photos: tuple[Path, ...], fmt: str) -> None:
             click.echo(f"cliptagd: {path}: failed ({state.error})", err=True)
         elif state.status == "pending":
             click.echo(f"cliptagd: {path}: not tagged yet", err=True)
-    _print_tags(store.tags_for(paths), fmt)
+        elif state.status == "deleted":
+            click.echo(f"cliptagd: {path}: deleted", err=True)
+    if not every:
+        _print_tags(store.tags_for(paths), fmt)
+        return
+    tagger = _load_tagger(config)
+    stored = store.embeddings_of(paths, tagger.model_id)
+    rows = []
+    for path in paths:
+        if path not in stored:
+            if path in known and known[path].status in ("tagged", "stale"):
+                click.echo(f"cliptagd: {path}: no embedding by this model yet", err=True)
+            continue
+        for set_name, scores in tagger.all_scores(stored[path]).items():
+            rows += [TagRow(path, set_name, label, score) for label, score in scores.items()]
+    _print_tags(rows, fmt)
+
+
+@cli.command()
+@config_option
+@click.argument("text", required=False)
+@click.option(
+    "--like", type=click.Path(path_type=Path), help="Photos that look like this photo instead."
+)
+@click.option("--limit", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--min-score", type=click.FloatRange(-1, 1), help="Only this similar or more.")
+@format_option
+def search(
+    config_path: Path | None,
+    text: str | None,
+    like: Path | None,
+    limit: int,
+    min_score: float | None,
+    fmt: str,
+) -> None:
+    """Rank photos by how well they match TEXT (or look like a photo), from stored embeddings.
+
+    The score is the cosine similarity of the text's (or photo's) embedding and each
+    photo's. A text search loads the model's text encoder; --like needs no model.
+
+    \b
+    Example:
+      cliptagd search -c config.yaml "a dog running on the beach" --limit 10
+      cliptagd search -c config.yaml --like ~/Pictures/beach.jpg --format paths
+    """
+    if (text is None) == (like is None):
+        raise click.UsageError("Give a TEXT to search for, or --like PHOTO (one of them).")
+    from .search import nearest
+
+    config = _load(config_path)
+    store = _open_readonly(config)
+    exclude = None
+    if like is not None:
+        exclude = os.path.abspath(like.expanduser())
+        found = store.embedding_of(exclude)
+        if found is None:
+            raise Failure(f"{exclude}: no stored embedding (not tagged yet?)")
+        model_id, vector = found
+    else:
+        assert text is not None
+        tagger = _load_tagger(config)
+        model_id, vector = tagger.model_id, tagger.encode_text(text)
+    matches = nearest(store, model_id, vector, limit, min_score, exclude=exclude)
+    records = [{"path": m.path, "score": round(m.score, 4)} for m in matches]
+    _print(records, ["path", "score"], fmt, path_key="path")
+
+
+@cli.command()
+@config_option
+@click.option("--set", "sets", multiple=True, help="Re-tag this set even if unchanged.")
+@click.option("--all", "every", is_flag=True, help="Re-tag every set, changed or not.")
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
+def retag(config_path: Path | None, sets: tuple[str, ...], every: bool, no_progress: bool) -> None:
+    """Bring the tags up to date with the label sets in the config, from stored embeddings.
+
+    Sets added or changed (labels, templates, prompts, threshold, mode, top_k) are scored
+    again for every photo, and removed sets' tags dropped, without reading any photo or
+    running the image encoder. The daemon does this by itself at start and on SIGHUP.
+
+    \b
+    Example:
+      cliptagd retag -c config.yaml
+      cliptagd retag -c config.yaml --set scene
+    """
+    from tqdm import tqdm
+
+    from .retag import retag as retag_sets
+
+    config = _load(config_path)
+    _setup_logging(config)
+    unknown = sorted(set(sets) - set(config.label_sets))
+    if unknown:
+        raise Failure(f"No label set named {', '.join(unknown)} in the config", EXIT_CONFIG)
+    tagger = _load_tagger(config)
+    try:
+        store = Store(config.database.url)
+        store.migrate()
+    except StoreError as exc:
+        raise Failure(str(exc)) from None
+    only = list(config.label_sets) if every else (list(sets) or None)
+    with tqdm(desc="Re-tagging", unit="photo", disable=True if no_progress else None) as bar:
+        report = retag_sets(store, tagger, only, on_chunk=bar.update)
+    store.close()
+    click.echo(
+        f"Re-tagged {report.photos} photo(s) for {', '.join(report.changed) or 'no set'}"
+        + (f"; removed {', '.join(report.removed)}" if report.removed else "")
+    )
 
 
 @cli.command()
@@ -295,7 +459,9 @@ def status(config_path: Path | None, fmt: str) -> None:
         body = {**counts, "failures": [asdict(f) for f in failures]}
         click.echo(json.dumps(body, indent=2))
         return
-    for key in ("pending", "tagged", "failed"):
+    for key in ("pending", "tagged", "stale", "failed", "deleted"):
+        if key == "stale" and not counts[key]:
+            continue  # only while a new model re-encodes
         click.echo(f"{key:>8}: {counts[key]}")
     if failures:
         click.echo("\nLatest failures:")

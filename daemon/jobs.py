@@ -76,6 +76,8 @@ class Outcome:
     # True when the failure may go away by itself (a file still being written).
     retry: bool = False
     fingerprint: str | None = None
+    # The L2-normalised image embedding, float16 bytes (1 KB for a 512-wide model).
+    embedding: bytes | None = None
 
     @property
     def ok(self) -> bool:

@@ -16,6 +16,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     String,
     Text,
     UniqueConstraint,
@@ -30,6 +31,13 @@ class Status(StrEnum):
     # The file is gone. The row and its tags are kept for a while, out of every query, so a
     # photo that reappears elsewhere (a move no event reported) keeps its tags.
     DELETED = "deleted"
+    # Tagged by another model than the configured one: queued to be encoded again, and
+    # still in the queries with its old tags meanwhile.
+    STALE = "stale"
+
+
+# Photos whose tags the queries show.
+VISIBLE = (Status.TAGGED, Status.STALE)
 
 
 class Base(DeclarativeBase):
@@ -79,3 +87,26 @@ class Tag(Base):
         # `query --tag` looks up by label (and set), then orders by score.
         Index("ix_tags_label_set_score", "label", "label_set", "score"),
     )
+
+
+class Embedding(Base):
+    """A photo's L2-normalised image embedding as float16 bytes, and the model that made it:
+    new questions (label sets, text searches) are answered without reading the photo."""
+
+    __tablename__ = "embeddings"
+
+    photo_id: Mapped[int] = mapped_column(
+        ForeignKey("photos.id", ondelete="CASCADE"), primary_key=True
+    )
+    model_id: Mapped[str] = mapped_column(Text, index=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class LabelSetDigest(Base):
+    """What each label set's tags were computed with (model and set config, hashed), so the
+    sets changed since are re-tagged and no others."""
+
+    __tablename__ = "label_sets"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    digest: Mapped[str] = mapped_column(Text)

@@ -70,6 +70,15 @@ def _path_filter(config: Config, extra_roots: Iterable[Path] = ()) -> PathFilter
     )
 
 
+def _queue_stale(store: Store, worker: Worker) -> None:
+    """Photos tagged by another model are encoded again, in the background."""
+    if worker.ready is None:
+        return
+    stale = store.mark_stale(worker.ready.model_id)
+    if stale:
+        log.info("%d photo(s) were tagged by another model: encoding them again", stale)
+
+
 def _start_worker(config: Config, worker: Worker | None = None) -> Worker:
     worker = worker or Worker(config)
     try:
@@ -179,6 +188,7 @@ class Daemon:
                 self.launched.kill()
             raise
         self.supervisor = _Supervisor(self.config, worker)
+        _queue_stale(self.store, worker)
         self.pipeline = Pipeline(
             self.store,
             worker,
@@ -237,7 +247,12 @@ class Daemon:
 
     def _status(self) -> str:
         counts = self.store.counts()
-        return f"{counts['tagged']} tagged, {counts['pending']} pending, {counts['failed']} failed"
+        status = (
+            f"{counts['tagged']} tagged, {counts['pending']} pending, {counts['failed']} failed"
+        )
+        if counts["stale"]:
+            status += f", {counts['stale']} to encode again for the new model"
+        return status
 
     def _start_watching(self) -> None:
         config = self.config
@@ -372,6 +387,7 @@ def run_scan(config: Config, paths: Sequence[Path], progress: bool = True) -> in
     path_filter = _path_filter(config, roots)
     worker = _start_worker(config)
     supervisor = _Supervisor(config, worker)
+    _queue_stale(store, worker)
     bar: tqdm[Any] = tqdm(desc="Tagging", unit="photo", disable=None if progress else True)
     pipeline = Pipeline(
         store,

@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     Connection,
@@ -29,10 +29,11 @@ from sqlalchemy import (
     select,
     update,
 )
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import ArgumentError, OperationalError
 
-from .jobs import FileStat, Job, Outcome, fingerprint
-from .models import Photo, Status, Tag
+from .jobs import FileStat, Job, Outcome, TagScore, fingerprint
+from .models import VISIBLE, Embedding, LabelSetDigest, Photo, Status, Tag
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,23 @@ class TagRow:
     label_set: str
     label: str
     score: float
+
+
+@dataclass(frozen=True)
+class TagQuery:
+    """What `query` asks: photos with every one of `tags`, at least one of `any_tags`, none
+    of `not_tags`; in one set, scored at least `min_score`, under a folder, by file time."""
+
+    tags: tuple[str, ...] = ()
+    any_tags: tuple[str, ...] = ()
+    not_tags: tuple[str, ...] = ()
+    label_set: str | None = None
+    min_score: float | None = None
+    under: str | None = None
+    since: float | None = None  # file mtime, seconds since the epoch
+    until: float | None = None
+    limit: int | None = None
+    sort: Literal["score", "time", "path"] = "score"
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +153,12 @@ class Store:
             conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
 
         return engine
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         self.engine.dispose()
@@ -274,7 +298,7 @@ class Store:
             select(Photo.id, Photo.path, Photo.size, Photo.fingerprint, Photo.status).where(
                 Photo.size.in_({stat.size for stat in new}),
                 Photo.fingerprint.is_not(None),
-                Photo.status.in_([Status.TAGGED, Status.DELETED]),
+                Photo.status.in_([*VISIBLE, Status.DELETED]),
             )
         ):
             candidates.setdefault(row.size, []).append(row)
@@ -294,7 +318,8 @@ class Store:
                 if row.fingerprint == print_ and gone:
                     conn.execute(
                         update(Photo).where(Photo.id == row.id).values(
-                            path=stat.path, mtime=stat.mtime, status=Status.TAGGED,
+                            path=stat.path, mtime=stat.mtime,
+                            status=Status.TAGGED if row.status == Status.DELETED else row.status,
                             deleted_at=None,
                         )
                     )  # fmt: skip
@@ -305,20 +330,25 @@ class Store:
         return moved
 
     def claim(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
-        """Up to `limit` pending photos that are due, oldest first, not among `exclude`."""
-        if limit <= 0:
-            return []
-        query = (
-            select(Photo.id, Photo.path, Photo.size, Photo.mtime)
-            .where(Photo.status == Status.PENDING)
-            .where((Photo.retry_at.is_(None)) | (Photo.retry_at <= _now()))
-            .order_by(Photo.id)
-            .limit(limit)
-        )
-        if exclude:
-            query = query.where(Photo.id.not_in(list(exclude)))
-        with self.engine.connect() as conn:
-            return [Job(row.id, row.path, row.size, row.mtime) for row in conn.execute(query)]
+        """Up to `limit` photos to process, not among `exclude`: pending ones that are due,
+        oldest first, then stale ones (tagged by another model)."""
+        jobs: list[Job] = []
+        for status, due in ((Status.PENDING, True), (Status.STALE, False)):
+            if len(jobs) >= limit:
+                break
+            query = (
+                select(Photo.id, Photo.path, Photo.size, Photo.mtime)
+                .where(Photo.status == status)
+                .order_by(Photo.id)
+                .limit(limit - len(jobs))
+            )
+            if due:
+                query = query.where((Photo.retry_at.is_(None)) | (Photo.retry_at <= _now()))
+            if exclude:
+                query = query.where(Photo.id.not_in(list(exclude)))
+            with self.engine.connect() as conn:
+                jobs += [Job(row.id, row.path, row.size, row.mtime) for row in conn.execute(query)]
+        return jobs
 
     def save_results(self, outcomes: Sequence[Outcome], model_id: str, max_attempts: int) -> int:
         """Write one batch of outcomes in one transaction; return how many were written.
@@ -335,7 +365,7 @@ class Store:
                     (Photo.id == job.photo_id)
                     & (Photo.size == job.size)
                     & (Photo.mtime == job.mtime)
-                    & (Photo.status == Status.PENDING)
+                    & (Photo.status.in_([Status.PENDING, Status.STALE]))
                 )
                 if outcome.ok:
                     values: dict[str, Any] = {
@@ -356,6 +386,15 @@ class Store:
                 if conn.execute(update(Photo).where(current).values(**values)).rowcount != 1:
                     continue
                 written += 1
+                if outcome.embedding is not None:
+                    conn.execute(
+                        sqlite_insert(Embedding)
+                        .values(photo_id=job.photo_id, model_id=model_id, vector=outcome.embedding)
+                        .on_conflict_do_update(
+                            index_elements=[Embedding.photo_id],
+                            set_={"model_id": model_id, "vector": outcome.embedding},
+                        )
+                    )
                 conn.execute(delete(Tag).where(Tag.photo_id == job.photo_id))
                 if outcome.tags:
                     conn.execute(
@@ -378,7 +417,9 @@ class Store:
             return 0
         now = _now()
         with self.engine.begin() as conn:
-            pending = (Photo.id.in_(list(photo_ids))) & (Photo.status == Status.PENDING)
+            pending = (Photo.id.in_(list(photo_ids))) & (
+                Photo.status.in_([Status.PENDING, Status.STALE])
+            )
             conn.execute(update(Photo).where(pending).values(attempts=Photo.attempts + 1))
             failed = conn.execute(
                 update(Photo)
@@ -391,7 +432,7 @@ class Store:
         """Up to `limit` of the given photos that are still pending."""
         query = (
             select(Photo.id, Photo.path, Photo.size, Photo.mtime)
-            .where(Photo.id.in_(list(photo_ids)), Photo.status == Status.PENDING)
+            .where(Photo.id.in_(list(photo_ids)), Photo.status.in_([Status.PENDING, Status.STALE]))
             .order_by(Photo.id)
             .limit(limit)
         )
@@ -453,7 +494,7 @@ class Store:
             )
             kept = conn.execute(
                 update(Photo)
-                .where(under, Photo.status == Status.TAGGED)
+                .where(under, Photo.status.in_(VISIBLE))
                 .values(status=Status.DELETED, deleted_at=_now())
             )
             return dropped.rowcount + kept.rowcount
@@ -468,6 +509,126 @@ class Store:
             )
             return result.rowcount
 
+    # -- stored embeddings ----------------------------------------------------------------
+
+    def mark_stale(self, model_id: str) -> int:
+        """Photos tagged by another model than `model_id` are queued to be encoded again
+        (keeping their tags meanwhile); those back on their own model need nothing.
+        Return how many are stale."""
+        current = select(Embedding.photo_id).where(Embedding.model_id == model_id)
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(Photo)
+                .where(Photo.status == Status.TAGGED, Photo.id.not_in(current))
+                .values(status=Status.STALE)
+            )
+            conn.execute(
+                update(Photo)
+                .where(Photo.status == Status.STALE, Photo.id.in_(current))
+                .values(status=Status.TAGGED)
+            )
+            return int(conn.scalar(select(func.count()).where(Photo.status == Status.STALE)) or 0)
+
+    def embedding_chunks(
+        self, model_id: str, size: int = CHUNK, visible_only: bool = False
+    ) -> Iterator[tuple[list[int], bytes]]:
+        """The stored embeddings of `model_id` (of tagged photos, and of deleted ones unless
+        `visible_only`), `size` at a time: photo ids, and their float16 vectors end to end."""
+        statuses = [Status.TAGGED] if visible_only else [Status.TAGGED, Status.DELETED]
+        last = 0
+        while True:
+            query = (
+                select(Embedding.photo_id, Embedding.vector)
+                .join(Photo, Photo.id == Embedding.photo_id)
+                .where(
+                    Embedding.model_id == model_id,
+                    Embedding.photo_id > last,
+                    Photo.status.in_(statuses),
+                )
+                .order_by(Embedding.photo_id)
+                .limit(size)
+            )
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            yield [row.photo_id for row in rows], b"".join(row.vector for row in rows)
+            last = rows[-1].photo_id
+
+    def paths_of(self, photo_ids: Sequence[int]) -> dict[int, str]:
+        """The paths of these photos, by id (only those the queries show)."""
+        out: dict[int, str] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(photo_ids), CHUNK):
+                stmt = select(Photo.id, Photo.path).where(
+                    Photo.id.in_(photo_ids[start : start + CHUNK]), Photo.status.in_(VISIBLE)
+                )
+                out.update((row.id, row.path) for row in conn.execute(stmt))
+        return out
+
+    def embedding_of(self, path: str) -> tuple[str, bytes] | None:
+        """The model id and stored embedding of one photo, if it has one."""
+        stmt = (
+            select(Embedding.model_id, Embedding.vector)
+            .join(Photo, Photo.id == Embedding.photo_id)
+            .where(Photo.path == path)
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        return (row.model_id, row.vector) if row else None
+
+    def embeddings_of(self, paths: Sequence[str], model_id: str) -> dict[str, bytes]:
+        """The stored embeddings (by `model_id`) of the given photos, by path."""
+        stmt = (
+            select(Photo.path, Embedding.vector)
+            .join(Embedding, Embedding.photo_id == Photo.id)
+            .where(Photo.path.in_(list(paths)), Embedding.model_id == model_id)
+        )
+        with self.engine.connect() as conn:
+            return {row.path: row.vector for row in conn.execute(stmt)}
+
+    def replace_tags(
+        self,
+        label_sets: Collection[str],
+        photo_ids: Sequence[int],
+        tags: Sequence[Sequence[TagScore]],
+    ) -> None:
+        """Replace the tags of `label_sets` on these photos, in one transaction."""
+        with self.engine.begin() as conn:
+            for start in range(0, len(photo_ids), CHUNK):
+                conn.execute(
+                    delete(Tag).where(
+                        Tag.label_set.in_(list(label_sets)),
+                        Tag.photo_id.in_(photo_ids[start : start + CHUNK]),
+                    )
+                )
+            rows = [
+                {"photo_id": photo_id, "label_set": t.label_set, "label": t.label,
+                 "score": t.score}
+                for photo_id, kept in zip(photo_ids, tags, strict=True)
+                for t in kept
+            ]  # fmt: skip
+            if rows:
+                conn.execute(insert(Tag), rows)
+
+    def label_set_digests(self) -> dict[str, str]:
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(LabelSetDigest.name, LabelSetDigest.digest)).all())
+
+    def forget_label_sets(self, names: Collection[str]) -> int:
+        """Drop every tag of these sets (removed from the config); return how many."""
+        with self.engine.begin() as conn:
+            conn.execute(delete(LabelSetDigest).where(LabelSetDigest.name.in_(list(names))))
+            return conn.execute(delete(Tag).where(Tag.label_set.in_(list(names)))).rowcount
+
+    def set_label_set_digest(self, name: str, digest: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                sqlite_insert(LabelSetDigest)
+                .values(name=name, digest=digest)
+                .on_conflict_do_update(index_elements=["name"], set_={"digest": digest})
+            )
+
     # -- queries --------------------------------------------------------------------------
 
     def counts(self) -> dict[str, int]:
@@ -480,29 +641,75 @@ class Store:
                 counts[status] = count
         return counts
 
-    def query(
-        self, label: str, label_set: str | None = None, min_score: float | None = None
-    ) -> list[TagRow]:
-        """Photos carrying `label`, best score first."""
+    def query(self, q: TagQuery | str, label_set: str | None = None,
+              min_score: float | None = None) -> list[TagRow]:  # fmt: skip
+        """Photos matching `q` (or simply carrying the label `q`): one row per asked tag a
+        matching photo carries (every tag when none is asked), by `q.sort`, at most
+        `q.limit` photos."""
+        if isinstance(q, str):
+            q = TagQuery(tags=(q,), label_set=label_set, min_score=min_score)
+
+        def carrying(labels: Collection[str], scored: bool = True) -> Any:
+            sub = select(Tag.photo_id).where(Tag.label.in_(list(labels)))
+            if q.label_set is not None:
+                sub = sub.where(Tag.label_set == q.label_set)
+            if scored and q.min_score is not None:
+                sub = sub.where(Tag.score >= q.min_score)
+            return sub
+
+        asked = [*q.tags, *q.any_tags]
         stmt = (
             select(Photo.path, Tag.label_set, Tag.label, Tag.score)
             .join(Photo, Photo.id == Tag.photo_id)
-            .where(Tag.label == label, Photo.status == Status.TAGGED)
-            .order_by(Tag.score.desc(), Photo.path)
+            .where(Photo.status.in_(VISIBLE))
         )
-        if label_set is not None:
-            stmt = stmt.where(Tag.label_set == label_set)
-        if min_score is not None:
-            stmt = stmt.where(Tag.score >= min_score)
+        if asked:
+            stmt = stmt.where(Tag.label.in_(asked))
+        if q.label_set is not None:
+            stmt = stmt.where(Tag.label_set == q.label_set)
+        if q.min_score is not None:
+            stmt = stmt.where(Tag.score >= q.min_score)
+        # One tag alone drives the query through its index; with others, each is required.
+        for label in q.tags if len(asked) > 1 else ():
+            stmt = stmt.where(Photo.id.in_(carrying([label])))
+        if q.any_tags and q.tags:
+            stmt = stmt.where(Photo.id.in_(carrying(q.any_tags)))
+        if q.not_tags:
+            stmt = stmt.where(Photo.id.not_in(carrying(q.not_tags, scored=False)))
+        if q.under is not None:
+            prefix = q.under.rstrip(os.sep) + os.sep
+            stmt = stmt.where(Photo.path.startswith(prefix, autoescape=True))
+        if q.since is not None:
+            stmt = stmt.where(Photo.mtime >= q.since)
+        if q.until is not None:
+            stmt = stmt.where(Photo.mtime < q.until)
+        order = {
+            "score": (Tag.score.desc(), Photo.path),
+            "time": (Photo.mtime.desc(), Photo.path, Tag.score.desc()),
+            "path": (Photo.path, Tag.score.desc()),
+        }[q.sort]
+        if q.limit is not None and len(asked) == 1:
+            stmt = stmt.limit(q.limit)  # one row per photo: straight from the index
+        elif q.limit is not None:
+            # Several rows per photo: pick the photos first, then all their rows.
+            best = {
+                "score": (func.max(Tag.score).desc(), Photo.path),
+                "time": (Photo.mtime.desc(), Photo.path),
+                "path": (Photo.path,),
+            }[q.sort]
+            photos = (
+                stmt.with_only_columns(Photo.id).group_by(Photo.id).order_by(*best).limit(q.limit)
+            )
+            stmt = stmt.where(Photo.id.in_(photos))
         with self.engine.connect() as conn:
-            return [TagRow(*row) for row in conn.execute(stmt)]
+            return [TagRow(*row) for row in conn.execute(stmt.order_by(*order))]
 
     def tags_for(self, paths: Sequence[str]) -> list[TagRow]:
         """The tags of the given photos, by path, then set, best score first."""
         stmt = (
             select(Photo.path, Tag.label_set, Tag.label, Tag.score)
             .join(Photo, Photo.id == Tag.photo_id)
-            .where(Photo.path.in_(list(paths)), Photo.status == Status.TAGGED)
+            .where(Photo.path.in_(list(paths)), Photo.status.in_(VISIBLE))
             .order_by(Photo.path, Tag.label_set, Tag.score.desc())
         )
         with self.engine.connect() as conn:
@@ -519,7 +726,7 @@ class Store:
         stmt = (
             select(Tag.label_set, Tag.label, func.count())
             .join(Photo, Photo.id == Tag.photo_id)
-            .where(Photo.status == Status.TAGGED)
+            .where(Photo.status.in_(VISIBLE))
             .group_by(Tag.label_set, Tag.label)
             .order_by(Tag.label_set, func.count().desc(), Tag.label)
         )

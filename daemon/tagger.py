@@ -7,11 +7,12 @@ photo is encoded once, and a label's score is the softmax of the scaled cosine s
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -364,8 +365,51 @@ class ClipTagger:
 
     def tag(self, pixels: torch.Tensor) -> list[tuple[TagScore, ...]]:
         """The kept tags of each photo in a batch."""
+        return [tags for tags, _ in self.tag_and_embed(pixels)]
+
+    def tag_and_embed(self, pixels: torch.Tensor) -> list[tuple[tuple[TagScore, ...], bytes]]:
+        """Each photo's kept tags, and its embedding as float16 bytes to store."""
         with torch.inference_mode():
-            return score(self.encode(pixels), self.sets, self.logit_scale)
+            embeddings = self.encode(pixels)
+            tags = score(embeddings, self.sets, self.logit_scale)
+            stored = embeddings.to(device="cpu", dtype=torch.float16).numpy()
+        return [(t, row.tobytes()) for t, row in zip(tags, stored, strict=True)]
+
+    def score_stored(
+        self, vectors: bytes, names: Collection[str] | None = None
+    ) -> list[tuple[TagScore, ...]]:
+        """The kept tags, for the sets `names` (default all), of stored float16 embeddings
+        laid end to end: no photo is read and the image encoder does not run."""
+        sets = [s for s in self.sets if names is None or s.name in names]
+        embeddings = torch.frombuffer(bytearray(vectors), dtype=torch.float16)
+        embeddings = embeddings.view(-1, self.embedding_width).to(self.device)
+        with torch.inference_mode():
+            return score(embeddings, sets, self.logit_scale)
+
+    def all_scores(self, vector: bytes) -> dict[str, dict[str, float]]:
+        """Every label's probability in every set for one stored embedding: why a tag was
+        or was not given, to choose a threshold."""
+        embedding = torch.frombuffer(bytearray(vector), dtype=torch.float16).float()[None]
+        out: dict[str, dict[str, float]] = {}
+        with torch.inference_mode():
+            for label_set in self.sets:
+                every = dataclasses.replace(label_set, threshold=0.0, top_k=len(label_set.labels))
+                (tags,) = score(embedding.to(self.device), [every], self.logit_scale)
+                out[label_set.name] = {t.label: t.score for t in tags}
+        return out
+
+    def encode_text(self, text: str) -> bytes:
+        """A text's L2-normalised embedding as float16 bytes, comparable with photos'."""
+        assert self._model is not None, "load() first"
+        tokens = self._tokenizer([text]).to(self.device)
+        with torch.inference_mode(), self._autocast_context():
+            embedding = self._model.encode_text(tokens, normalize=True)
+        return bytes(embedding.to(device="cpu", dtype=torch.float16).numpy().tobytes())
+
+    @property
+    def embedding_width(self) -> int:
+        assert self.sets, "load() first"
+        return int(self.sets[0].weights.shape[0])  # weights: width x labels
 
     def _autocast_context(self) -> contextlib.AbstractContextManager[Any]:
         if self._autocast is None:

@@ -249,6 +249,7 @@ class _ModelLoop:
         Image.MAX_IMAGE_PIXELS = self.config.max_pixels
         self.tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
         self.tagger.load()
+        self._retag(config.database.url)
         self.min_side = self.tagger.image_size
         # Decoded photos waiting for the model: two batches' worth keeps the model fed while
         # bounding memory (a preprocessed ViT-B-32 photo is 0.6 MB).
@@ -304,6 +305,21 @@ class _ModelLoop:
             pool.submit(self._decode, job)
         self.intake_done.set()
 
+    def _retag(self, url: str) -> None:
+        """Label sets changed since the photos were tagged: re-tag them from their stored
+        embeddings before taking new photos (seconds for 100,000 photos)."""
+        from .retag import retag
+        from .store import Store
+
+        store = Store(url)
+        try:
+            store.migrate()  # the daemon may still be at it: the write lock orders the two
+            retag(store, self.tagger)
+        except Exception:  # the photos keep their old tags; new ones are still tagged right
+            log.exception("Re-tagging from stored embeddings failed")
+        finally:
+            store.close()
+
     def _idle(self) -> bool:
         with self.pending_lock:
             return self.pending == 0
@@ -349,8 +365,9 @@ class _ModelLoop:
         if decoded:
             try:
                 pixels = torch.stack([tensor for *_, tensor in decoded])
-                for (job, print_, _), tags in zip(decoded, self.tagger.tag(pixels), strict=True):
-                    outcomes.append(Outcome(job, tags=tags, fingerprint=print_))
+                results = self.tagger.tag_and_embed(pixels)
+                for (job, print_, _), (tags, vector) in zip(decoded, results, strict=True):
+                    outcomes.append(Outcome(job, tags, fingerprint=print_, embedding=vector))
             except Exception as exc:  # e.g. CUDA out of memory: fail the batch, keep running
                 log.exception("The model failed on a batch of %d photos", len(decoded))
                 outcomes.extend(

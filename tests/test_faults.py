@@ -63,7 +63,7 @@ def test_a_poison_photo_is_quarantined_and_the_rest_of_its_batch_tagged(tmp_path
             pipeline.worker_died(str(exc))
         if store.counts()["pending"] == 0:
             break
-    assert store.counts() == {"pending": 0, "tagged": 19, "failed": 1, "deleted": 0}
+    assert store.counts() == {"pending": 0, "tagged": 19, "failed": 1, "deleted": 0, "stale": 0}
     (failure,) = store.failures()
     assert failure.path == "/p/07.jpg"
     assert "crashed or stalled the worker 3 times" in (failure.error or "")

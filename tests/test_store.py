@@ -42,7 +42,7 @@ def test_enqueue_is_idempotent_and_sees_changes(store: Store) -> None:
     jobs = store.claim(10)
     assert [job.path for job in jobs] == ["/p/a.jpg", "/p/b.jpg"]
     store.save_results([tagged(jobs[0], ("s", "x", 0.9)), tagged(jobs[1])], "m", 3)
-    assert store.counts() == {"pending": 0, "tagged": 2, "failed": 0, "deleted": 0}
+    assert store.counts() == {"pending": 0, "tagged": 2, "failed": 0, "deleted": 0, "stale": 0}
     # Unchanged files already tagged are never processed twice...
     assert store.enqueue([a, b]) == 0
     # ...a changed one is.
@@ -93,7 +93,7 @@ def test_retryable_failure_waits_then_fails_after_max_attempts(store: Store) -> 
         conn.exec_driver_sql("UPDATE photos SET retry_at = NULL")
     (job,) = store.claim(10)
     store.save_results([Outcome(job, error="cut short", retry=True)], "m", 2)
-    assert store.counts() == {"pending": 0, "tagged": 0, "failed": 1, "deleted": 0}
+    assert store.counts() == {"pending": 0, "tagged": 0, "failed": 1, "deleted": 0, "stale": 0}
 
 
 def test_queries(store: Store) -> None:
@@ -353,7 +353,7 @@ def test_record_crash_quarantines_after_max_attempts(store: Store) -> None:
     a, b = store.claim(2)
     assert store.record_crash([a.photo_id, b.photo_id], "crashed", 2) == 0
     assert store.record_crash([a.photo_id], "crashed", 2) == 1
-    assert store.counts() == {"pending": 1, "tagged": 0, "failed": 1, "deleted": 0}
+    assert store.counts() == {"pending": 1, "tagged": 0, "failed": 1, "deleted": 0, "stale": 0}
     assert [j.path for j in store.claim_ids([a.photo_id, b.photo_id], 5)] == ["/p/b.jpg"]
 
 
@@ -361,3 +361,49 @@ def test_new_database_is_private(tmp_path: Path) -> None:
     Store(f"sqlite:///{tmp_path / 'new' / 'tags.db'}").migrate()
     assert (tmp_path / "new" / "tags.db").stat().st_mode & 0o777 == 0o640
     assert (tmp_path / "new").stat().st_mode & 0o777 == 0o750
+
+
+def test_query_options(store: Store) -> None:
+    from daemon.store import TagQuery
+
+    photos = {
+        "/p/2023/a.jpg": (100.0, [("scene", "beach", 0.9), ("things", "dog", 0.8)]),
+        "/p/2023/b.jpg": (200.0, [("scene", "beach", 0.6), ("things", "cat", 0.7)]),
+        "/p/2024/c.jpg": (300.0, [("scene", "city", 0.8), ("things", "dog", 0.55)]),
+        "/p/2024/d.jpg": (400.0, [("scene", "beach", 0.7), ("things", "dog", 0.95)]),
+    }
+    store.enqueue(FileStat(path, 1, mtime) for path, (mtime, _) in photos.items())
+    jobs = store.claim(10)
+    store.save_results([tagged(job, *photos[job.path][1]) for job in jobs], "m", 3)
+
+    def paths(**options: object) -> list[str]:
+        found: dict[str, None] = {}
+        for row in store.query(TagQuery(**options)):  # type: ignore[arg-type]
+            found.setdefault(row.path, None)
+        return list(found)
+
+    assert paths(tags=("beach",)) == ["/p/2023/a.jpg", "/p/2024/d.jpg", "/p/2023/b.jpg"]
+    assert paths(tags=("beach", "dog")) == ["/p/2024/d.jpg", "/p/2023/a.jpg"]  # by best score
+    assert paths(tags=("beach", "dog"), min_score=0.75) == ["/p/2023/a.jpg"]
+    assert sorted(paths(any_tags=("cat", "city"))) == ["/p/2023/b.jpg", "/p/2024/c.jpg"]
+    assert paths(tags=("beach",), not_tags=("dog",)) == ["/p/2023/b.jpg"]
+    assert paths(tags=("dog",), any_tags=("city", "cat")) == ["/p/2024/c.jpg"]
+    assert paths(tags=("beach",), label_set="things") == []
+    assert paths(tags=("dog",), under="/p/2024") == ["/p/2024/d.jpg", "/p/2024/c.jpg"]
+    assert paths(tags=("beach",), since=150.0, until=400.0) == ["/p/2023/b.jpg"]
+    assert paths(tags=("beach",), limit=2) == ["/p/2023/a.jpg", "/p/2024/d.jpg"]
+    assert paths(tags=("beach",), sort="time") == [
+        "/p/2024/d.jpg",
+        "/p/2023/b.jpg",
+        "/p/2023/a.jpg",
+    ]
+    assert paths(tags=("beach",), sort="path", limit=2) == ["/p/2023/a.jpg", "/p/2023/b.jpg"]
+    # With no tag asked, every tag of the matching photos.
+    rows = store.query(TagQuery(under="/p/2024", not_tags=("city",)))
+    assert {(r.path, r.label) for r in rows} == {
+        ("/p/2024/d.jpg", "beach"),
+        ("/p/2024/d.jpg", "dog"),
+    }
+    # Two tags asked: each matching photo's row for each.
+    rows = store.query(TagQuery(tags=("beach", "dog"), limit=1))
+    assert [(r.label, r.score) for r in rows] == [("dog", 0.95), ("beach", 0.7)]

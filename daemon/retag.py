@@ -1,0 +1,79 @@
+"""Re-tagging from stored embeddings: when label sets change, no photo is read again.
+
+Each label set's tags carry a digest of what made them (the model and the set's config). A
+set whose digest changed is scored again from the stored image embeddings, in chunks, one
+transaction per chunk, so queries keep answering; a set gone from the config loses its tags.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from .config import LabelSetConfig
+from .store import Store
+
+if TYPE_CHECKING:
+    from .tagger import ClipTagger
+
+log = logging.getLogger(__name__)
+
+# Photos per transaction: big enough to be fast, small enough not to hold readers up.
+CHUNK = 5000
+
+
+def set_digest(model_id: str, name: str, spec: LabelSetConfig) -> str:
+    """Changes whenever the tags of this set could: the model, labels, prompts, threshold..."""
+    blob = json.dumps([model_id, name, spec.model_dump(mode="json")], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class RetagReport:
+    changed: list[str]
+    removed: list[str]
+    photos: int
+
+
+def retag(
+    store: Store,
+    tagger: ClipTagger,
+    only: Collection[str] | None = None,
+    on_chunk: Callable[[int], object] | None = None,
+) -> RetagReport:
+    """Bring every label set's tags up to date with the config from stored embeddings.
+
+    `only`: re-tag these sets whatever their digest says. Photos without an embedding of the
+    current model are not touched here: they are stale, and re-encoded by the worker.
+    """
+    wanted = {
+        name: set_digest(tagger.model_id, name, spec)
+        for name, spec in tagger.label_set_configs.items()
+    }
+    stored = store.label_set_digests()
+    removed = sorted(set(stored) - set(wanted))
+    if removed:
+        store.forget_label_sets(removed)
+        log.info("Removed the tags of label set(s) no longer configured: %s", ", ".join(removed))
+    if only is not None:
+        changed = sorted(set(only) & set(wanted))
+    else:
+        changed = sorted(name for name, digest in wanted.items() if stored.get(name) != digest)
+    photos = 0
+    if changed:
+        for photo_ids, vectors in store.embedding_chunks(tagger.model_id, CHUNK):
+            store.replace_tags(changed, photo_ids, tagger.score_stored(vectors, changed))
+            photos += len(photo_ids)
+            if on_chunk is not None:
+                on_chunk(len(photo_ids))
+        for name in changed:
+            store.set_label_set_digest(name, wanted[name])
+        log.info(
+            "Re-tagged %d photo(s) for label set(s) %s from stored embeddings",
+            photos, ", ".join(changed),
+        )  # fmt: skip
+    return RetagReport(changed, removed, photos)

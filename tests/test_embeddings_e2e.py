@@ -1,0 +1,134 @@
+"""Stored embeddings through the real programs: the daemon re-tags at start, `retag`,
+`search`, `tags --all`, and a model change re-encodes in the background."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests import tinyclip
+from tests.conftest import ConfigFactory, save_picture, wait_for
+from tests.test_e2e import Daemon, all_done, cliptagd, labels_of, rows
+
+pytestmark = pytest.mark.e2e
+
+COLOURS = list(tinyclip.COLOURS)
+
+
+def colour_sets(**extra: object) -> dict[str, object]:
+    return {"colour": {"templates": [tinyclip.TEMPLATE], "labels": COLOURS}, **extra}
+
+
+def test_label_sets_changed_while_stopped_are_retagged_at_start_without_decoding(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
+) -> None:
+    config = make_config(label_sets=colour_sets())
+    db = tmp_path / "tags.db"
+    truth = {save_picture(photo_dir, f"p{i}.png", COLOURS[i % 4], rng): COLOURS[i % 4]
+             for i in range(12)}  # fmt: skip
+    cliptagd("scan", "-c", config)
+    tagged_at = dict(rows(db, "SELECT path, tagged_at FROM photos"))
+
+    # A new set, multi, with its own prompts.
+    warm = {"mode": "multi", "threshold": 0.5, "templates": [tinyclip.TEMPLATE],
+            "labels": [{"name": "warm", "prompts": [tinyclip.TEMPLATE.format("red")]}]}  # fmt: skip
+    make_config(label_sets=colour_sets(warm=warm))
+    with Daemon(config) as daemon:
+        wait_for(lambda: "Re-tagged 12 photo(s) for label set(s) warm" in daemon.log, 60,
+                 "the re-tag at start")  # fmt: skip
+        assert daemon.stop() == 0
+    # No photo was read again: none was tagged again.
+    assert dict(rows(db, "SELECT path, tagged_at FROM photos")) == tagged_at
+    colour_of = dict(rows(db, "SELECT path, label FROM photo_tags WHERE label_set = 'colour'"))
+    assert colour_of == {str(path): colour for path, colour in truth.items()}
+    # The same as tagging from scratch with the new config.
+    scratch = tmp_path / "scratch.db"
+    settings = yaml.safe_load(config.read_text())
+    settings["database"]["url"] = f"sqlite:///{scratch}"
+    scratch_config = tmp_path / "scratch.yaml"
+    scratch_config.write_text(yaml.safe_dump(settings))
+    cliptagd("scan", "-c", scratch_config)
+    query = "SELECT path, label_set, label, score FROM photo_tags"
+    retagged = {tuple(r[:3]): r[3] for r in rows(db, query)}
+    expected = {tuple(r[:3]): r[3] for r in rows(scratch, query)}
+    assert set(retagged) == set(expected)
+    assert any(key[1] == "warm" for key in expected)
+    for key, score in expected.items():
+        assert retagged[key] == pytest.approx(score, abs=2e-3)  # stored as float16
+
+    # A stricter threshold: `cliptagd retag` drops exactly the tags that no longer pass.
+    scores = sorted(score for key, score in retagged.items() if key[1] == "colour")
+    strict = (scores[len(scores) // 2 - 1] + scores[len(scores) // 2]) / 2
+    colours = {"templates": [tinyclip.TEMPLATE], "labels": COLOURS, "threshold": strict}
+    make_config(label_sets={"colour": colours, "warm": warm})
+    result = cliptagd("retag", "--no-progress", "-c", config)
+    assert "Re-tagged 12 photo(s) for colour" in result.stdout
+    kept = {tuple(r[:3]) for r in rows(db, query) if r[1] == "colour"}
+    assert kept == {
+        key for key, score in retagged.items() if key[1] == "colour" and score >= strict
+    }
+    assert len(kept) == 6
+    # And removed: its tags are gone.
+    make_config(label_sets={"colour": colours})
+    assert "removed warm" in cliptagd("retag", "--no-progress", "-c", config).stdout
+    assert rows(db, "SELECT count(*) FROM tags WHERE label_set = 'warm'") == [(0,)]
+
+
+def test_search_and_every_score(
+    make_config: ConfigFactory, photo_dir: Path, rng: random.Random
+) -> None:
+    config = make_config(label_sets=colour_sets())
+    truth = {save_picture(photo_dir, f"p{i}.jpg", COLOURS[i % 4], rng): COLOURS[i % 4]
+             for i in range(12)}  # fmt: skip
+    cliptagd("scan", "-c", config)
+
+    found = cliptagd("search", "-c", config, tinyclip.TEMPLATE.format("blue"), "--limit", "3",
+                     "--format", "json")  # fmt: skip
+    matches = json.loads(found.stdout)
+    assert [truth[Path(m["path"])] for m in matches] == ["blue"] * 3
+    assert matches[0]["score"] >= matches[-1]["score"]
+
+    green = next(p for p, c in truth.items() if c == "green")
+    alike = cliptagd("search", "-c", config, "--like", green, "--limit", "2", "--format", "paths")
+    assert [truth[Path(p)] for p in alike.stdout.split()] == ["green", "green"]
+    assert str(green) not in alike.stdout
+
+    every = json.loads(cliptagd("tags", "-c", config, "--all", green, "--format", "json").stdout)
+    assert sorted(r["label"] for r in every) == sorted(COLOURS)
+    assert sum(r["score"] for r in every) == pytest.approx(1.0, abs=1e-3)  # softmax over all
+    assert max(every, key=lambda r: r["score"])["label"] == "green"
+
+    bad = cliptagd("search", "-c", config, check=False)
+    assert bad.returncode == 2 and "Give a TEXT" in bad.stderr
+
+
+def test_a_model_change_re_encodes_every_photo(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random,
+    tiny_model: Path,
+) -> None:  # fmt: skip
+    config = make_config(label_sets=colour_sets())
+    db = tmp_path / "tags.db"
+    truth = {save_picture(photo_dir, f"p{i}.png", COLOURS[i % 4], rng): COLOURS[i % 4]
+             for i in range(10)}  # fmt: skip
+    cliptagd("scan", "-c", config)
+    (old_model,) = rows(db, "SELECT DISTINCT model_id FROM embeddings")[0]
+
+    # Another copy of the model is another model as far as the embeddings know.
+    other = tmp_path / "other-model"
+    shutil.copytree(tiny_model, other)
+    settings = yaml.safe_load(config.read_text())
+    settings["model"]["name"] = f"local-dir:{other}"
+    config.write_text(yaml.safe_dump(settings))
+    with Daemon(config) as daemon:
+        wait_for(lambda: all_done(db, 10) and rows(db, "SELECT count(*) FROM photos WHERE "
+                 "status = 'stale'") == [(0,)], 60, "the re-encoding")  # fmt: skip
+        assert daemon.stop() == 0
+    assert "10 photo(s) were tagged by another model: encoding them again" in daemon.log
+    (new_model,) = rows(db, "SELECT DISTINCT model_id FROM embeddings")[0]
+    assert new_model != old_model and str(other) in str(new_model)
+    assert {Path(p): labels[0] for p, labels in labels_of(db).items()} == truth

@@ -39,8 +39,12 @@ def open_database(config: str | Path | None = None, *, url: str | None = None) -
     return store
 
 
-def similar(store: Store, path: str | Path, limit: int = 20) -> list[Match]:
-    """The photos that look most like the photo at `path` (itself left out), best first."""
+def similar(
+    store: Store, path: str | Path, limit: int = 20, index_dir: Path | None = None
+) -> list[Match]:
+    """The photos that look most like the photo at `path` (itself left out), best first.
+    `index_dir`: a folder to keep the search index in (much faster from the second search);
+    None reads every embedding from the database."""
     from .search import nearest  # numpy: only for searches
 
     key = str(Path(path).expanduser().absolute())
@@ -48,4 +52,4 @@ def similar(store: Store, path: str | Path, limit: int = 20) -> list[Match]:
     if found is None:
         raise StoreError(f"{key}: no stored embedding (not tagged yet?)")
     model_id, vector = found
-    return nearest(store, model_id, vector, limit, exclude=key)
+    return nearest(store, model_id, vector, limit, exclude=key, index_dir=index_dir)

@@ -369,7 +369,8 @@ def search(
         assert text is not None
         tagger = _load_tagger(config)
         model_id, vector = tagger.model_id, tagger.encode_text(text)
-    matches = nearest(store, model_id, vector, limit, min_score, exclude=exclude)
+    index = config.cache_path / "search"
+    matches = nearest(store, model_id, vector, limit, min_score, exclude, index)
     records = [{"path": m.path, "score": round(m.score, 4)} for m in matches]
     _print(records, ["path", "score"], fmt, path_key="path")
 

@@ -100,6 +100,8 @@ class Embedding(Base):
     )
     model_id: Mapped[str] = mapped_column(Text, index=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
+    # Set by a trigger on every write: what changed since a search index was refreshed.
+    seq: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
 
 
 class LabelSetDigest(Base):
@@ -110,3 +112,13 @@ class LabelSetDigest(Base):
 
     name: Mapped[str] = mapped_column(Text, primary_key=True)
     digest: Mapped[str] = mapped_column(Text)
+
+
+class LabelTotal(Base):
+    """How many shown photos carry each label: kept exact by triggers (migration 0003)."""
+
+    __tablename__ = "label_counts"
+
+    label_set: Mapped[str] = mapped_column(Text, primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    count: Mapped[int] = mapped_column(Integer)

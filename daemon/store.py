@@ -33,7 +33,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import ArgumentError, OperationalError
 
 from .jobs import FileStat, Job, Outcome, TagScore, fingerprint
-from .models import VISIBLE, Embedding, LabelSetDigest, Photo, Status, Tag
+from .models import VISIBLE, Embedding, LabelSetDigest, LabelTotal, Photo, Status, Tag
 
 log = logging.getLogger(__name__)
 
@@ -530,11 +530,11 @@ class Store:
             return int(conn.scalar(select(func.count()).where(Photo.status == Status.STALE)) or 0)
 
     def embedding_chunks(
-        self, model_id: str, size: int = CHUNK, visible_only: bool = False
+        self, model_id: str, size: int = CHUNK
     ) -> Iterator[tuple[list[int], bytes]]:
-        """The stored embeddings of `model_id` (of tagged photos, and of deleted ones unless
-        `visible_only`), `size` at a time: photo ids, and their float16 vectors end to end."""
-        statuses = [Status.TAGGED] if visible_only else [Status.TAGGED, Status.DELETED]
+        """The stored embeddings of `model_id` (of tagged photos, and of deleted ones, which
+        may come back), `size` at a time: photo ids, and their float16 vectors end to end."""
+        statuses = [Status.TAGGED, Status.DELETED]
         last = 0
         while True:
             query = (
@@ -555,16 +555,42 @@ class Store:
             yield [row.photo_id for row in rows], b"".join(row.vector for row in rows)
             last = rows[-1].photo_id
 
-    def paths_of(self, photo_ids: Sequence[int]) -> dict[int, str]:
-        """The paths of these photos, by id (only those the queries show)."""
+    def paths_of(self, photo_ids: Sequence[int], model_id: str) -> dict[int, str]:
+        """The paths of these photos, by id: only those the queries show, whose embedding
+        is still by `model_id`."""
         out: dict[int, str] = {}
         with self.engine.connect() as conn:
             for start in range(0, len(photo_ids), CHUNK):
-                stmt = select(Photo.id, Photo.path).where(
-                    Photo.id.in_(photo_ids[start : start + CHUNK]), Photo.status.in_(VISIBLE)
+                stmt = (
+                    select(Photo.id, Photo.path)
+                    .join(Embedding, Embedding.photo_id == Photo.id)
+                    .where(
+                        Photo.id.in_(photo_ids[start : start + CHUNK]),
+                        Photo.status.in_(VISIBLE),
+                        Embedding.model_id == model_id,
+                    )
                 )
                 out.update((row.id, row.path) for row in conn.execute(stmt))
         return out
+
+    def embeddings_since(
+        self, model_id: str, seq: int, size: int = 50_000
+    ) -> Iterator[tuple[list[int], bytes, int]]:
+        """Embeddings of `model_id` written after `seq`, in write order, `size` at a time:
+        photo ids, float16 vectors end to end, and the last one's seq."""
+        while True:
+            query = (
+                select(Embedding.photo_id, Embedding.vector, Embedding.seq)
+                .where(Embedding.model_id == model_id, Embedding.seq > seq)
+                .order_by(Embedding.seq)
+                .limit(size)
+            )
+            with self.engine.connect() as conn:
+                rows = conn.execute(query).all()
+            if not rows:
+                return
+            seq = int(rows[-1].seq)
+            yield [row.photo_id for row in rows], b"".join(row.vector for row in rows), seq
 
     def embedding_of(self, path: str) -> tuple[str, bytes] | None:
         """The model id and stored embedding of one photo, if it has one."""
@@ -722,13 +748,11 @@ class Store:
             return {row.path: PhotoState(*row) for row in conn.execute(stmt)}
 
     def labels(self) -> list[LabelCount]:
-        """Every label in use with its number of photos, per set."""
+        """Every label in use with its number of photos, per set (kept by triggers)."""
         stmt = (
-            select(Tag.label_set, Tag.label, func.count())
-            .join(Photo, Photo.id == Tag.photo_id)
-            .where(Photo.status.in_(VISIBLE))
-            .group_by(Tag.label_set, Tag.label)
-            .order_by(Tag.label_set, func.count().desc(), Tag.label)
+            select(LabelTotal.label_set, LabelTotal.label, LabelTotal.count)
+            .where(LabelTotal.count > 0)
+            .order_by(LabelTotal.label_set, LabelTotal.count.desc(), LabelTotal.label)
         )
         with self.engine.connect() as conn:
             return [LabelCount(*row) for row in conn.execute(stmt)]

@@ -1,4 +1,5 @@
-"""Embeddings and scoring: the only module that imports torch and open_clip.
+"""Embeddings and scoring: the only module that imports open_clip (torch too, but for the
+float16 matrix product of search.py).
 
 The zero-shot recipe of CLIP: each label's prompts are encoded once (and cached on disk), each
 photo is encoded once, and a label's score is the softmax of the scaled cosine similarities.

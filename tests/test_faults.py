@@ -280,6 +280,17 @@ def test_daemon_sigkilled_at_random_points_loses_nothing(
 KILLS = int(os.environ.get("CLIPTAGD_KILLS", "40"))
 
 
+def label_counts(db: Path) -> list[tuple[object, ...]]:
+    return rows(db, "SELECT label_set, label, count FROM label_counts WHERE count > 0 "
+                    "ORDER BY label_set, label")  # fmt: skip
+
+
+def label_counts_truth(db: Path) -> list[tuple[object, ...]]:
+    return rows(db, "SELECT label_set, label, count(*) FROM tags JOIN photos ON photos.id = "
+                    "tags.photo_id WHERE photos.status IN ('tagged', 'stale') "
+                    "GROUP BY label_set, label ORDER BY label_set, label")  # fmt: skip
+
+
 @pytest.mark.slow
 def test_writer_sigkilled_mid_transaction_keeps_the_database_sound(tmp_path: Path) -> None:
     """SIGKILL a process writing like the daemon at random moments, KILLS times: after each,
@@ -306,6 +317,7 @@ def test_writer_sigkilled_mid_transaction_keeps_the_database_sound(tmp_path: Pat
         assert rows(db, torn) == [(0,)]
         orphans = "SELECT count(*) FROM tags WHERE photo_id NOT IN (SELECT id FROM photos)"
         assert rows(db, orphans) == [(0,)]
+        assert label_counts(db) == label_counts_truth(db)
     # The kills landed mid-work: plenty was written between them.
     (done,) = rows(db, "SELECT count(*) FROM photos WHERE status != 'pending'")[0]
     assert int(done) > KILLS * 16  # type: ignore[call-overload]

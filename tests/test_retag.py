@@ -6,12 +6,13 @@ import random
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from daemon.jobs import FileStat, Outcome
 from daemon.retag import retag
-from daemon.search import nearest
+from daemon.search import Match, nearest
 from daemon.store import Store
 from daemon.tagger import ClipTagger
 from tests import tinyclip
@@ -130,3 +131,52 @@ def test_a_new_model_makes_photos_stale_until_encoded_again(store: Store) -> Non
     assert store.photos(["/p/a.jpg"])["/p/a.jpg"].status == "tagged"
     # Back to the first model: b still has its embedding, so nothing to redo.
     assert store.mark_stale("model-1") == 1  # only a, now encoded by model-2
+
+
+def test_the_search_index_follows_the_database(store: Store, tmp_path: Path) -> None:
+    """Segments beside the database give what reading the database gives, through new
+    photos, photos encoded again, deletions and merges."""
+    from daemon.search import MAX_SEGMENTS, VectorIndex
+
+    rng = np.random.default_rng(5)
+
+    def unit(n: int) -> np.ndarray:
+        v = rng.standard_normal((n, 16)).astype(np.float32)
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+
+    def add(count: int) -> None:
+        start = sum(store.counts().values())
+        paths = [f"/p/{start + i:04}.jpg" for i in range(count)]
+        store.enqueue(FileStat(p, 1, 1.0) for p in paths)
+        jobs = [j for j in store.claim(10_000) if j.path in paths]
+        vectors = unit(len(jobs))
+        store.save_results(
+            [Outcome(j, embedding=vectors[k].tobytes()) for k, j in enumerate(jobs)], "m", 3
+        )
+
+    def both(query: bytes, limit: int = 5) -> tuple[list[Match], list[Match]]:
+        return (
+            nearest(store, "m", query, limit, index_dir=tmp_path / "index"),
+            nearest(store, "m", query, limit, index_dir=None),
+        )
+
+    query = unit(1)[0].tobytes()
+    add(30)
+    indexed, direct = both(query)
+    assert indexed == direct and len(indexed) == 5
+    # Encoded again with a vector equal to the query: now first, in the index too.
+    store.enqueue([FileStat("/p/0000.jpg", 2, 2.0)])
+    (job,) = [j for j in store.claim(10) if j.path == "/p/0000.jpg"]
+    store.save_results([Outcome(job, embedding=query)], "m", 3)
+    indexed, direct = both(query)
+    assert indexed == direct and indexed[0].path == "/p/0000.jpg"
+    # Deleted: gone from the results.
+    store.remove("/p/0000.jpg")
+    indexed, direct = both(query)
+    assert indexed == direct and "/p/0000.jpg" not in [m.path for m in indexed]
+    for _ in range(MAX_SEGMENTS + 2):
+        add(3)
+        indexed, direct = both(query, limit=50)
+        assert indexed == direct
+    segments = VectorIndex(store, "m", tmp_path / "index").open()
+    assert len(segments) <= MAX_SEGMENTS

@@ -407,3 +407,36 @@ def test_query_options(store: Store) -> None:
     # Two tags asked: each matching photo's row for each.
     rows = store.query(TagQuery(tags=("beach", "dog"), limit=1))
     assert [(r.label, r.score) for r in rows] == [("dog", 0.95), ("beach", 0.7)]
+
+
+def test_label_counts_follow_every_change(store: Store, tmp_path: Path) -> None:
+    from datetime import timedelta
+
+    from tests.test_faults import label_counts, label_counts_truth
+
+    db = tmp_path / "tags.db"
+    store.enqueue(FileStat(f"/p/{n}.jpg", 1, 1.0) for n in "abcd")
+    a, b, c, d = store.claim(4)
+    store.save_results(
+        [tagged(a, ("s", "x", 0.9), ("t", "y", 0.8)), tagged(b, ("s", "x", 0.7)),
+         tagged(c, ("s", "z", 0.6)), tagged(d, ("t", "y", 0.5))], "m", 3,
+    )  # fmt: skip
+    steps = [
+        lambda: store.enqueue([FileStat("/p/a.jpg", 2, 2.0)]),  # changed: hidden until redone
+        lambda: store.save_results([tagged(store.claim(1)[0], ("s", "z", 0.9))], "m", 3),
+        lambda: store.remove("/p/b.jpg"),  # deleted: hidden
+        lambda: store.enqueue([FileStat("/p/b.jpg", 1, 1.0)]),  # back unchanged: shown
+        lambda: store.move("/p/c.jpg", "/p/d.jpg"),  # over d: d's row goes
+        lambda: store.mark_stale("another model"),  # stale photos stay shown
+        lambda: store.replace_tags(["s"], [b.photo_id], [[TagScore("s", "w", 0.5)]]),
+        lambda: store.forget_label_sets(["t"]),
+        lambda: store.remove("/p/a.jpg"),
+        lambda: store.purge_deleted(timedelta(0)),
+    ]
+    assert label_counts(db) == label_counts_truth(db)
+    for step in steps:
+        step()
+        assert label_counts(db) == label_counts_truth(db)
+    assert [(c.label_set, c.label, c.count) for c in store.labels()] == [
+        ("s", "w", 1), ("s", "z", 1)
+    ]  # fmt: skip

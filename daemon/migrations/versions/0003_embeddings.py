@@ -1,4 +1,5 @@
-"""Stored image embeddings, label-set digests, and photos waiting to be re-encoded.
+"""Stored image embeddings, label-set digests, photos waiting to be re-encoded, and label
+counts kept up to date by triggers.
 
 Revision ID: 0003
 Revises: 0002
@@ -22,6 +23,52 @@ VIEW = (
 )
 
 
+SHOWN = "('tagged', 'stale')"
+
+# label_counts holds, per set and label, how many photos the queries show carry it, so
+# `labels` reads a few hundred rows instead of grouping millions. Triggers keep it exact
+# whoever writes (cliptagd or anyone with sqlite3): a tag added or removed on a shown photo,
+# a photo shown or hidden (its status), a shown photo deleted (its tags then go by cascade,
+# when the photo row is already gone, so the tag trigger does not count them twice).
+TRIGGERS = [
+    f"""CREATE TRIGGER label_counts_tag_added AFTER INSERT ON tags
+    WHEN (SELECT status FROM photos WHERE id = NEW.photo_id) IN {SHOWN}
+    BEGIN
+        INSERT INTO label_counts (label_set, label, count) VALUES (NEW.label_set, NEW.label, 1)
+        ON CONFLICT (label_set, label) DO UPDATE SET count = count + 1;
+    END""",
+    f"""CREATE TRIGGER label_counts_tag_removed AFTER DELETE ON tags
+    WHEN (SELECT status FROM photos WHERE id = OLD.photo_id) IN {SHOWN}
+    BEGIN
+        UPDATE label_counts SET count = count - 1
+        WHERE label_set = OLD.label_set AND label = OLD.label;
+    END""",
+    f"""CREATE TRIGGER label_counts_photo_shown AFTER UPDATE OF status ON photos
+    WHEN OLD.status NOT IN {SHOWN} AND NEW.status IN {SHOWN}
+    BEGIN
+        INSERT INTO label_counts (label_set, label, count)
+        SELECT label_set, label, 1 FROM tags WHERE photo_id = NEW.id AND true
+        ON CONFLICT (label_set, label) DO UPDATE SET count = count + 1;
+    END""",
+    f"""CREATE TRIGGER label_counts_photo_hidden AFTER UPDATE OF status ON photos
+    WHEN OLD.status IN {SHOWN} AND NEW.status NOT IN {SHOWN}
+    BEGIN
+        UPDATE label_counts SET count = count - 1
+        WHERE (label_set, label) IN (SELECT label_set, label FROM tags WHERE photo_id = OLD.id);
+    END""",
+    f"""CREATE TRIGGER label_counts_photo_deleted BEFORE DELETE ON photos
+    WHEN OLD.status IN {SHOWN}
+    BEGIN
+        UPDATE label_counts SET count = count - 1
+        WHERE (label_set, label) IN (SELECT label_set, label FROM tags WHERE photo_id = OLD.id);
+    END""",
+]
+TRIGGER_NAMES = [
+    "label_counts_tag_added", "label_counts_tag_removed", "label_counts_photo_shown",
+    "label_counts_photo_hidden", "label_counts_photo_deleted",
+]  # fmt: skip
+
+
 def upgrade() -> None:
     op.create_table(
         "embeddings",
@@ -33,8 +80,19 @@ def upgrade() -> None:
         ),
         sa.Column("model_id", sa.Text(), nullable=False),
         sa.Column("vector", sa.LargeBinary(), nullable=False),
+        sa.Column("seq", sa.Integer(), nullable=True),
     )
     op.create_index("ix_embeddings_model_id", "embeddings", ["model_id"])
+    op.create_index("ix_embeddings_seq", "embeddings", ["seq"])
+    # Every embedding written gets the next number, so a search index kept beside the
+    # database reads only what changed since it was last brought up to date.
+    for event in ("INSERT", "UPDATE OF vector, model_id"):
+        name = "embeddings_seq_" + event.split()[0].lower()
+        op.execute(
+            f"CREATE TRIGGER {name} AFTER {event} ON embeddings BEGIN "
+            "UPDATE embeddings SET seq = (SELECT coalesce(max(seq), 0) + 1 FROM embeddings) "
+            "WHERE photo_id = NEW.photo_id; END"
+        )
     op.create_table(
         "label_sets",
         sa.Column("name", sa.Text(), primary_key=True),
@@ -43,11 +101,32 @@ def upgrade() -> None:
     # A photo waiting to be encoded again by a new model keeps its old tags meanwhile.
     op.execute("DROP VIEW photo_tags")
     op.execute(VIEW.format("'tagged', 'stale'"))
+    op.create_table(
+        "label_counts",
+        sa.Column("label_set", sa.Text(), nullable=False),
+        sa.Column("label", sa.Text(), nullable=False),
+        sa.Column("count", sa.Integer(), nullable=False),
+        sa.PrimaryKeyConstraint("label_set", "label"),
+    )
+    op.execute(
+        "INSERT INTO label_counts (label_set, label, count) "
+        "SELECT tags.label_set, tags.label, count(*) FROM tags "
+        f"JOIN photos ON photos.id = tags.photo_id WHERE photos.status IN {SHOWN} "
+        "GROUP BY tags.label_set, tags.label"
+    )
+    for trigger in TRIGGERS:
+        op.execute(trigger)
 
 
 def downgrade() -> None:
+    for name in TRIGGER_NAMES:
+        op.execute(f"DROP TRIGGER {name}")
+    op.drop_table("label_counts")
     op.execute("DROP VIEW photo_tags")
     op.execute(VIEW.format("'tagged'"))
     op.drop_table("label_sets")
+    op.execute("DROP TRIGGER embeddings_seq_insert")
+    op.execute("DROP TRIGGER embeddings_seq_update")
+    op.drop_index("ix_embeddings_seq", "embeddings")
     op.drop_index("ix_embeddings_model_id", "embeddings")
     op.drop_table("embeddings")

@@ -84,8 +84,9 @@ class Tag(Base):
 
     __table_args__ = (
         UniqueConstraint("photo_id", "label_set", "label", name="uq_tags_photo_set_label"),
-        # `query --tag` looks up by label (and set), then orders by score.
-        Index("ix_tags_label_set_score", "label", "label_set", "score"),
+        # `query --tag` looks up by label, in score order; covering, so neither the tags
+        # table nor a sort is needed (migration 0003).
+        Index("ix_tags_label_score", "label", "score", "label_set", "photo_id"),
     )
 
 

@@ -91,6 +91,10 @@ class Pipeline:
 
     # -- the driving thread -----------------------------------------------------------------
 
+    def look_for_work(self) -> None:
+        """Photos may have become due without passing through here (made stale, say)."""
+        self._claim_needed = True
+
     def step(self, timeout: float = 0.2) -> None:
         """Record arrivals, hand due jobs to the worker, save what it finished."""
         self._record_intake()

@@ -347,6 +347,10 @@ class Daemon:
             self.pipeline.model_id = worker.ready.model_id if worker.ready else ""
             self.pipeline.max_attempts = new.worker.max_attempts
             self.pipeline.in_flight_limit = 2 * new.worker.batch_size
+            # The new worker re-tagged changed label sets from the stored embeddings as it
+            # started; a new model makes the photos of the old one stale.
+            _queue_stale(self.store, worker)
+            self.pipeline.look_for_work()
         if new.watch != old.watch and self.watcher is not None:
             log.info("Reloading: watching %s", ", ".join(map(str, new.watch.paths)))
             self.watcher.stop()

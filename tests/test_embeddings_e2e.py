@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -132,3 +133,24 @@ def test_a_model_change_re_encodes_every_photo(
     (new_model,) = rows(db, "SELECT DISTINCT model_id FROM embeddings")[0]
     assert new_model != old_model and str(other) in str(new_model)
     assert {Path(p): labels[0] for p, labels in labels_of(db).items()} == truth
+
+
+def test_sighup_with_a_new_label_set_retags_from_embeddings(
+    make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
+) -> None:
+    config = make_config(label_sets=colour_sets())
+    db = tmp_path / "tags.db"
+    for i in range(8):
+        save_picture(photo_dir, f"p{i}.png", COLOURS[i % 4], rng)
+    with Daemon(config) as daemon:
+        wait_for(lambda: all_done(db, 8), 60, "the catch-up")
+        tagged_at = dict(rows(db, "SELECT path, tagged_at FROM photos"))
+        top2 = {"templates": [tinyclip.TEMPLATE], "labels": COLOURS, "top_k": 2}
+        make_config(label_sets=colour_sets(top2=top2))
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: rows(db, "SELECT count(*) FROM tags WHERE label_set = 'top2'")
+                 == [(16,)], 60, "the new set's tags")  # fmt: skip
+        assert "Re-tagged 8 photo(s) for label set(s) top2" in daemon.log
+        assert daemon.stop() == 0
+    assert dict(rows(db, "SELECT path, tagged_at FROM photos")) == tagged_at  # none redone

@@ -32,7 +32,7 @@ def test_migrate_creates_schema_with_wal_and_view(store: Store, tmp_path: Path) 
     db = sqlite3.connect(tmp_path / "tags.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     names = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
-    assert {"photos", "tags", "photo_tags", "alembic_version", "ix_tags_label_set_score"} <= names
+    assert {"photos", "tags", "photo_tags", "alembic_version", "ix_tags_label_score"} <= names
 
 
 def test_enqueue_is_idempotent_and_sees_changes(store: Store) -> None:

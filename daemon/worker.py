@@ -249,7 +249,7 @@ class _ModelLoop:
         Image.MAX_IMAGE_PIXELS = self.config.max_pixels
         self.tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
         self.tagger.load()
-        self._retag(config.database.url)
+        self.database_url = config.database.url
         self.min_side = self.tagger.image_size
         # Decoded photos waiting for the model: two batches' worth keeps the model fed while
         # bounding memory (a preprocessed ViT-B-32 photo is 0.6 MB).
@@ -269,6 +269,8 @@ class _ModelLoop:
         feeder = threading.Thread(target=self._feed, args=(pool,), name="feed", daemon=True)
         feeder.start()
         try:
+            # After READY, so start-up stays the model's load; photos decode meanwhile.
+            self._retag(self.database_url)
             while not self.stop.is_set():
                 batch = self._next_batch()
                 if batch is None:
@@ -307,7 +309,7 @@ class _ModelLoop:
 
     def _retag(self, url: str) -> None:
         """Label sets changed since the photos were tagged: re-tag them from their stored
-        embeddings before taking new photos (seconds for 100,000 photos)."""
+        embeddings before tagging new photos (seconds for 100,000 photos)."""
         from .retag import retag
         from .store import Store
 

@@ -274,6 +274,27 @@ def test_sigterm_mid_burst_loses_nothing(
     assert rows(db, "SELECT count(*) FROM tags") == [(len(truth),)]
 
 
+def assert_matches_the_reference(
+    db: Path, truth: dict[Path, str], tiny_model: Path, tolerance: float
+) -> None:
+    """Every photo's scores in the database are open_clip's classic per-photo zero-shot
+    probabilities, and its best label is its colour."""
+    from PIL import Image
+
+    from tests.test_tagger import classic_zero_shot
+
+    scores: dict[str, dict[str, float]] = {}
+    for path, label, score in rows(db, "SELECT path, label, score FROM photo_tags"):
+        scores.setdefault(str(path), {})[str(label)] = float(score)  # type: ignore[arg-type]
+    assert set(scores) == {str(p) for p in truth}
+    for path, colour in truth.items():
+        assert max(scores[str(path)], key=scores[str(path)].__getitem__) == colour
+        with Image.open(path) as img:
+            reference = classic_zero_shot(tiny_model, img.convert("RGB"))
+        for label, expected in zip(tinyclip.COLOURS, reference, strict=True):
+            assert scores[str(path)][label] == pytest.approx(expected, abs=tolerance)
+
+
 def test_scan_tags_a_folder_and_matches_the_reference(
     make_config: ConfigFactory,
     photo_dir: Path,
@@ -281,8 +302,6 @@ def test_scan_tags_a_folder_and_matches_the_reference(
     rng: random.Random,
     tiny_model: Path,
 ) -> None:
-    from tests.test_tagger import classic_zero_shot
-
     config = make_config(
         label_sets={
             "colour": {
@@ -304,18 +323,7 @@ def test_scan_tags_a_folder_and_matches_the_reference(
     result = cliptagd("scan", "-c", config)
     assert "Scan done: 12 tagged, 0 pending, 0 failed" in result.stderr
     db = tmp_path / "tags.db"
-    scores: dict[str, dict[str, float]] = {}
-    for path, label, score in rows(db, "SELECT path, label, score FROM photo_tags"):
-        scores.setdefault(str(path), {})[str(label)] = float(score)  # type: ignore[arg-type]
-    assert set(scores) == {str(p) for p in truth}
-    from PIL import Image
-
-    for path, colour in truth.items():
-        assert max(scores[str(path)], key=scores[str(path)].__getitem__) == colour
-        with Image.open(path) as img:
-            reference = classic_zero_shot(tiny_model, img.convert("RGB"))
-        for label, expected in zip(colours, reference, strict=True):
-            assert scores[str(path)][label] == pytest.approx(expected, abs=1e-4)
+    assert_matches_the_reference(db, truth, tiny_model, tolerance=1e-4)
 
     # An explicit path outside the watched folders; already tagged photos are not redone.
     before = rows(db, "SELECT path, tagged_at FROM photos ORDER BY path")
@@ -341,8 +349,6 @@ def test_scan_on_cuda_with_autocast_matches_the_reference(
     tiny_model: Path,
 ) -> None:
     """The whole CUDA path: device auto, fp16 autocast, pinned memory, every core decoding."""
-    from tests.test_tagger import classic_zero_shot
-
     config = make_config(
         model={"device": "auto", "precision": "auto"},
         worker={"batch_size": 16},
@@ -358,19 +364,8 @@ def test_scan_on_cuda_with_autocast_matches_the_reference(
     result = cliptagd("scan", "-c", config)
     assert "Scan done: 40 tagged, 0 pending, 0 failed" in result.stderr
     assert re.search(r"Worker \d+ ready: model \S+ on cuda", result.stderr), result.stderr
-    scores: dict[str, dict[str, float]] = {}
-    query = "SELECT path, label, score FROM photo_tags"
-    for path, label, score in rows(tmp_path / "tags.db", query):
-        scores.setdefault(str(path), {})[str(label)] = float(score)  # type: ignore[arg-type]
-    from PIL import Image
-
-    for path, colour in truth.items():
-        assert max(scores[str(path)], key=scores[str(path)].__getitem__) == colour
-        with Image.open(path) as img:
-            reference = classic_zero_shot(tiny_model, img.convert("RGB"))
-        for label, expected in zip(colours, reference, strict=True):
-            # fp16 autocast against the fp32 CPU reference
-            assert scores[str(path)][label] == pytest.approx(expected, abs=2e-2)
+    # fp16 autocast against the fp32 CPU reference
+    assert_matches_the_reference(tmp_path / "tags.db", truth, tiny_model, tolerance=2e-2)
 
 
 def test_bad_config_exits_78_naming_file_and_key(

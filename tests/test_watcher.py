@@ -89,7 +89,7 @@ def outside(tmp_path: Path) -> Path:
 
 
 @contextmanager
-def watching(root: Path, settle_seconds: float = SETTLE) -> Iterator[Calls]:
+def watching(root: Path, settle_seconds: float = SETTLE, polling: bool = False) -> Iterator[Calls]:
     calls = Calls()
     watcher = Watcher(
         [root],
@@ -98,8 +98,9 @@ def watching(root: Path, settle_seconds: float = SETTLE) -> Iterator[Calls]:
         on_ready=calls.on_ready,
         on_removed=calls.on_removed,
         on_folder=calls.on_folder,
+        polling=polling,
     )
-    watcher.start()
+    assert watcher.start()
     try:
         yield calls
         assert watcher.alive, "the observer thread died"
@@ -290,18 +291,7 @@ def test_files_that_are_not_photos_are_ignored(root: Path) -> None:
 
 @pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
 def test_a_root_deleted_and_made_again_is_watched_again(root: Path, polling: bool) -> None:
-    calls = Calls()
-    watcher = Watcher(
-        [root],
-        PathFilter([root], DEFAULT_EXTENSIONS, DEFAULT_EXCLUDE),
-        SETTLE,
-        on_ready=calls.on_ready,
-        on_removed=calls.on_removed,
-        on_folder=calls.on_folder,
-        polling=polling,
-    )
-    assert watcher.start()
-    try:
+    with watching(root, polling=polling) as calls:
         write(root / "a.jpg", jpeg_bytes())
         wait_for(lambda: calls.ready, timeout=PATIENCE, what="the first photo")
         shutil.rmtree(root)
@@ -311,6 +301,3 @@ def test_a_root_deleted_and_made_again_is_watched_again(root: Path, polling: boo
         # Events from the new folder arrive: it is really watched, not only scanned once.
         again = write(root / "b.jpg", jpeg_bytes(1))
         wait_for(lambda: again in calls.ready, timeout=PATIENCE, what="a photo in the new root")
-        assert watcher.alive
-    finally:
-        watcher.stop()

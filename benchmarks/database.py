@@ -31,8 +31,8 @@ import numpy as np
 
 sys.path[:0] = [str(Path(__file__).parent.parent)]
 
-from daemon.config import LabelSetConfig, ModelConfig  # noqa: E402
-from daemon.store import Store, TagQuery  # noqa: E402
+from cliptagd.config import LabelSetConfig, ModelConfig  # noqa: E402
+from cliptagd.store import Store, TagQuery  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WIDTH = 512  # ViT-B-32's embedding width
@@ -121,7 +121,7 @@ def main() -> int:
 
     tagger = None
     if parts & {"retag", "search"}:
-        from daemon.tagger import ClipTagger
+        from cliptagd.tagger import ClipTagger
 
         label_set = LabelSetConfig(labels=tuple(f"thing {i}" for i in range(50)))
         tagger = ClipTagger(
@@ -133,7 +133,7 @@ def main() -> int:
 
     if "retag" in parts:
         assert tagger is not None
-        from daemon.retag import retag
+        from cliptagd.retag import retag
 
         path = args.work / f"retag-{args.retag_photos}.db"
         print(f"Building {path}...", flush=True)
@@ -155,7 +155,7 @@ def main() -> int:
 
     if "search" in parts:
         assert tagger is not None
-        from daemon.search import nearest
+        from cliptagd.search import nearest
 
         store = Store(f"sqlite:///{path}", readonly=True)
         query = tagger.encode_text("a dog running on the beach")

@@ -142,7 +142,7 @@ def link_photos(files: list[Path], folder: Path) -> None:
 
 
 def cliptagd(*args: str | Path) -> list[str]:
-    return [sys.executable, "-m", "daemon", *map(str, args)]
+    return [sys.executable, "-m", "cliptagd", *map(str, args)]
 
 
 def scan_seconds(args: argparse.Namespace, files: list[Path], tag: str) -> float:
@@ -354,8 +354,8 @@ def startup(args: argparse.Namespace) -> dict[str, float]:
 
 def big_label_set(args: argparse.Namespace) -> dict[str, float]:
     """1,000 labels × 10 templates embedded in batches (no cache)."""
-    from daemon.config import LabelSetConfig, ModelConfig
-    from daemon.tagger import ClipTagger
+    from cliptagd.config import LabelSetConfig, ModelConfig
+    from cliptagd.tagger import ClipTagger
 
     templates = [f"{prefix} {{}}." for prefix in (
         "a photo of a", "a picture of a", "an image of a", "a close-up photo of a",

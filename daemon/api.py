@@ -1,6 +1,6 @@
 """The Python API: open the tag database read-only and run the queries the CLI runs.
 
-    from daemon.api import TagQuery, open_database
+    from cliptagd.api import TagQuery, open_database
 
     with open_database("~/.config/cliptagd/config.yaml") as db:
         for row in db.query(TagQuery(tags=("beach",), not_tags=("night",), limit=10)):
@@ -10,7 +10,7 @@
         print(similar(db, "/photos/a.jpg"))     # [Match(path, score), ...]
 
 Nothing here imports torch: it answers at once. Text search needs the model, see
-`cliptagd search` (daemon.cli) for how it is loaded.
+`cliptagd search` (cliptagd.cli) for how it is loaded.
 """
 
 from __future__ import annotations

@@ -97,7 +97,7 @@ def _setup_logging(config: Config | None, verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
-    logging.getLogger("daemon").setLevel(level)
+    logging.getLogger("cliptagd").setLevel(level)
 
 
 def _load_tagger(config: Config) -> ClipTagger:

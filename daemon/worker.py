@@ -183,7 +183,7 @@ class Worker:
 
 
 def _log_level() -> int:
-    return logging.getLogger("daemon").getEffectiveLevel()
+    return logging.getLogger("cliptagd").getEffectiveLevel()
 
 
 # -- inside the worker process ---------------------------------------------------------------
@@ -196,7 +196,7 @@ def worker_main(config: Config, jobs: Any, messages: Any, stop: Any, log_level: 
         format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s",
         force=True,
     )
-    logging.getLogger("daemon").setLevel(log_level)
+    logging.getLogger("cliptagd").setLevel(log_level)
     # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from daemon.cli import EXIT_CONFIG, cli, main
+from cliptagd.cli import EXIT_CONFIG, cli, main
 
 
 def all_commands() -> list[str]:
@@ -37,7 +37,7 @@ def test_query_commands_do_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys, daemon.cli, daemon.store, daemon.service; "
+        "import sys, cliptagd.cli, cliptagd.store, cliptagd.service; "
         "sys.exit('torch' in sys.modules or 'open_clip' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.config import ConfigError, Mode, find_config, load_config
+from cliptagd.config import ConfigError, Mode, find_config, load_config
 
 MINIMAL = {
     "watch": {"paths": ["photos"]},

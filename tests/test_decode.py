@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, features
 
-from daemon.decode import UnreadableImage, open_rgb, register_heif
+from cliptagd.decode import UnreadableImage, open_rgb, register_heif
 
 # The model's input side in these tests, and a pixel limit far above any picture made here.
 MIN_SIDE = 224

@@ -29,7 +29,7 @@ START_TIMEOUT = 120.0
 
 def cliptagd(*args: str | Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
-        [sys.executable, "-m", "daemon", *map(str, args)],
+        [sys.executable, "-m", "cliptagd", *map(str, args)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -51,7 +51,7 @@ class Daemon:
 
     def __enter__(self) -> Daemon:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "daemon", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "cliptagd", "run", "-c", str(self.config)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

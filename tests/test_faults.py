@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemon.jobs import FileStat, Job, Outcome, TagScore
-from daemon.pipeline import Pipeline
-from daemon.store import Store
-from daemon.worker import WorkerError
+from cliptagd.jobs import FileStat, Job, Outcome, TagScore
+from cliptagd.pipeline import Pipeline
+from cliptagd.store import Store
+from cliptagd.worker import WorkerError
 from tests import tinyclip
 from tests.conftest import ConfigFactory, save_picture, wait_for
 from tests.test_e2e import Daemon, all_done, labels_of, process_gone, rows, statuses

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from daemon.store import Store
+from cliptagd.store import Store
 from tests import tinyclip
 from tests.conftest import ConfigFactory, save_picture, wait_for
 from tests.test_e2e import Daemon, labels_of, rows
@@ -86,8 +86,8 @@ def test_ten_thousand_photos_at_once_with_queries_all_along(
             samples.append((int(count), rss_of(pids)))  # type: ignore[call-overload]
             # The CLI answers too, while the daemon writes.
             cli = subprocess.run(
-                [sys.executable, "-m", "daemon", "query", "--tag", "red", "-c", str(daemon.config),
-                 "--format", "paths"],
+                [sys.executable, "-m", "cliptagd", "query", "--tag", "red",
+                 "-c", str(daemon.config), "--format", "paths"],
                 capture_output=True, text=True, timeout=60,
             )  # fmt: skip
             if cli.returncode != 0:

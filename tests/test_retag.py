@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from daemon.jobs import FileStat, Outcome
-from daemon.retag import retag
-from daemon.search import Match, nearest
-from daemon.store import Store
-from daemon.tagger import ClipTagger
+from cliptagd.jobs import FileStat, Outcome
+from cliptagd.retag import retag
+from cliptagd.search import Match, nearest
+from cliptagd.store import Store
+from cliptagd.tagger import ClipTagger
 from tests import tinyclip
 from tests.test_tagger import COLOURS, colour_set, make_tagger
 
@@ -136,7 +136,7 @@ def test_a_new_model_makes_photos_stale_until_encoded_again(store: Store) -> Non
 def test_the_search_index_follows_the_database(store: Store, tmp_path: Path) -> None:
     """Segments beside the database give what reading the database gives, through new
     photos, photos encoded again, deletions and merges."""
-    from daemon.search import MAX_SEGMENTS, VectorIndex
+    from cliptagd.search import MAX_SEGMENTS, VectorIndex
 
     rng = np.random.default_rng(5)
 

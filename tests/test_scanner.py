@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS
-from daemon.jobs import FileStat
-from daemon.scanner import PathFilter, walk
+from cliptagd.config import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS
+from cliptagd.jobs import FileStat
+from cliptagd.scanner import PathFilter, walk
 
 
 @pytest.fixture

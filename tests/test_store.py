@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.jobs import FileStat, Job, Outcome, TagScore, fingerprint
-from daemon.models import Status
-from daemon.store import Store, StoreError
+from cliptagd.jobs import FileStat, Job, Outcome, TagScore, fingerprint
+from cliptagd.models import Status
+from cliptagd.store import Store, StoreError
 
 
 @pytest.fixture
@@ -364,7 +364,7 @@ def test_new_database_is_private(tmp_path: Path) -> None:
 
 
 def test_query_options(store: Store) -> None:
-    from daemon.store import TagQuery
+    from cliptagd.store import TagQuery
 
     photos = {
         "/p/2023/a.jpg": (100.0, [("scene", "beach", 0.9), ("things", "dog", 0.8)]),

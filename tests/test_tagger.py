@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from daemon.config import LabelSetConfig, Mode, ModelConfig
-from daemon.decode import open_rgb
-from daemon.tagger import ClipTagger, LabelSetEmbedding, ModelLoadError, resolve_device, score
+from cliptagd.config import LabelSetConfig, Mode, ModelConfig
+from cliptagd.decode import open_rgb
+from cliptagd.tagger import ClipTagger, LabelSetEmbedding, ModelLoadError, resolve_device, score
 from tests import tinyclip
 
 COLOURS = list(tinyclip.COLOURS)

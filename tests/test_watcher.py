@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS
-from daemon.jobs import FileStat
-from daemon.scanner import PathFilter
-from daemon.watcher import Watcher
+from cliptagd.config import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS
+from cliptagd.jobs import FileStat
+from cliptagd.scanner import PathFilter
+from cliptagd.watcher import Watcher
 from tests import tinyclip
 from tests.conftest import wait_for
 

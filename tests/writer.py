@@ -10,8 +10,8 @@ from __future__ import annotations
 import random
 import sys
 
-from daemon.jobs import FileStat, Outcome, TagScore
-from daemon.store import Store
+from cliptagd.jobs import FileStat, Outcome, TagScore
+from cliptagd.store import Store
 
 
 def hammer(url: str, seed: int) -> None:

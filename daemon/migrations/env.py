@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from daemon.models import Base
+from cliptagd.models import Base
 
 connection = context.config.attributes["connection"]
 # Batch mode: SQLite can alter a table only by copying it, which batch mode does for us.

@@ -15,6 +15,9 @@ log = logging.getLogger(__name__)
 
 # Background for pictures with transparency: most photo viewers show them on white.
 BACKGROUND = (255, 255, 255)
+# iPhone photos: Pillow reads them only with pillow-heif, an extra.
+HEIF_SUFFIXES = (".heic", ".heif")
+NO_HEIF = "HEIC/HEIF needs pillow-heif, which is not installed: pip install 'cliptagd[heif]'"
 
 
 class UnreadableImage(Exception):
@@ -33,6 +36,11 @@ def register_heif() -> bool:
         return False
     register_heif_opener()
     return True
+
+
+def _heif_unreadable(path: str | os.PathLike[str]) -> bool:
+    suffix = os.path.splitext(path)[1].lower()
+    return suffix in HEIF_SUFFIXES and suffix not in Image.registered_extensions()
 
 
 def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Image.Image:
@@ -66,6 +74,8 @@ def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Im
         if os.path.getsize(path) == 0:
             # Often a file just created and not written yet.
             raise UnreadableImage("the file is empty", retry=True) from None
+        if _heif_unreadable(path):
+            raise UnreadableImage(NO_HEIF) from None
         raise UnreadableImage("not a picture Pillow can read") from None
     except Image.DecompressionBombError as exc:
         # Pillow refuses pictures over twice its own limit as it opens them, before the check

@@ -7,12 +7,18 @@ immutable segment files: each search first appends what was written since (the e
 carry a write sequence number), then multiplies. A photo encoded again lives in a newer
 segment, which wins; deleted photos are dropped when results are looked up. Without a
 writable folder for the segments, the search reads everything from the database instead.
+
+Each model has its own sub-folder (named by a digest of its id, which it holds in a file):
+embeddings of two models are not comparable, and may not even have the same width. A model's
+folder is dropped once the database holds none of its embeddings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -27,6 +33,8 @@ log = logging.getLogger(__name__)
 
 # Segments before they are merged into one.
 MAX_SEGMENTS = 8
+# In each model's folder: the model id it holds the embeddings of.
+MODEL_FILE = "model"
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,20 +52,25 @@ class Segment:
 
 
 class VectorIndex:
-    """One model's stored embeddings as segment files in `folder`, brought up to date from
-    the database on `open()`."""
+    """One model's stored embeddings as segment files in its own sub-folder of `root`,
+    brought up to date from the database on `open()`."""
 
-    def __init__(self, store: Store, model_id: str, folder: Path | None) -> None:
+    def __init__(self, store: Store, model_id: str, root: Path | None) -> None:
         self.store = store
         self.model_id = model_id
-        self.folder = folder
+        digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
+        self.folder = root / digest if root is not None else None
 
     def open(self) -> list[Segment]:
         """The segments, newest first, including everything the database holds now."""
         if self.folder is None:
             return self._from_database()
         try:
-            self.folder.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.folder.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+            self.folder.mkdir(exist_ok=True, mode=0o750)
+            if not (self.folder / MODEL_FILE).is_file():
+                self._write_model_file()
+            self._drop_others()
             segments = self._load()
             last = max((s.last for s in segments), default=0)
             added = False
@@ -75,6 +88,31 @@ class VectorIndex:
                 "Cannot keep the search index in %s (%s): reading the database", self.folder, exc
             )
             return self._from_database()
+
+    def _write_model_file(self) -> None:
+        assert self.folder is not None
+        fd, tmp = tempfile.mkstemp(dir=self.folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as file:
+            file.write(self.model_id)
+        os.replace(tmp, self.folder / MODEL_FILE)
+
+    def _drop_others(self) -> None:
+        """Drop the folders of models the database no longer holds embeddings of, and the
+        files of the layout before one folder per model."""
+        assert self.folder is not None
+        for entry in self.folder.parent.iterdir():
+            if entry == self.folder:
+                continue
+            try:
+                if not entry.is_dir():
+                    entry.unlink()
+                    continue
+                other = (entry / MODEL_FILE).read_text()
+            except OSError:  # just made by another search, or not ours: leave it be
+                continue
+            if next(self.store.embeddings_since(other, 0, size=1), None) is None:
+                log.info("Dropping the search index of the model %s, no longer used", other)
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _from_database(self) -> list[Segment]:
         parts = list(self.store.embeddings_since(self.model_id, 0))

@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import hashlib
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import huggingface_hub
 import open_clip
 import torch
+from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 
 from .config import LabelSetConfig, Mode, ModelConfig
@@ -36,6 +40,14 @@ WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 PROMPTS_PER_PASS = 256
 
 Template = str | Callable[[str], str]
+
+# What to do about a model that cannot be fetched: the end of every such message.
+OFFLINE_ADVICE = (
+    "On a machine with network, run `cliptagd fetch-model -c CONFIG --to FOLDER`, copy FOLDER "
+    "here and set model.name: local-dir:FOLDER; or, once there is network here, run "
+    "`cliptagd fetch-model -c CONFIG` to fill the download cache (HF_HUB_OFFLINE=1 then keeps "
+    'start-up off the network). See "Models offline" in the README.'
+)
 
 
 class ModelLoadError(Exception):
@@ -171,6 +183,10 @@ class ClipTagger:
         self.config = model
         self.label_set_configs = dict(label_sets)
         self.cache_dir = cache_dir
+        # The hub's download cache follows the config, not $HF_HOME or $HF_HUB_CACHE: everyone
+        # using one config (the service, and its group running `cliptagd search`) shares one
+        # download. It is where the system unit's HF_HOME=<cache_dir>/huggingface puts it.
+        self.hub_cache = cache_dir / "huggingface" / "hub"
         self.model_id = model_identity(model)
         self.device = torch.device("cpu")
         self.sets: list[LabelSetEmbedding] = []
@@ -186,8 +202,11 @@ class ClipTagger:
         """Load the model and embed every label set (from the cache when unchanged)."""
         self.device = resolve_device(self.config.device)
         self._autocast = autocast_dtype(self.config.precision, self.device)
+        _hub_logs_through_ours()
         started = time.perf_counter()
         log.info("Loading model %s on %s", self._describe(), self.device)
+        if not self.config.name.startswith(LOCAL_DIR):
+            log.info("Model download cache: %s", self.hub_cache)
         self._model, self._preprocess, self._tokenizer = self._load_model()
         log.info("Model loaded in %.1f s", time.perf_counter() - started)
         self.logit_scale = float(self._model.logit_scale.exp().item())
@@ -203,12 +222,16 @@ class ClipTagger:
         name = self.config.name
         if name.startswith(LOCAL_DIR):
             self._check_local_dir(Path(name[len(LOCAL_DIR) :]))
+        elif not name.startswith(HF_HUB):
+            self._check_known(name, self.config.pretrained)
+        self._check_hub()
         pretrained = None if name.startswith((LOCAL_DIR, HF_HUB)) else self.config.pretrained
+        cache = str(self.hub_cache)
         try:
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=self.device
+                name, pretrained=pretrained, device=self.device, cache_dir=cache
             )
-            tokenizer = open_clip.get_tokenizer(name)
+            tokenizer = open_clip.get_tokenizer(name, cache_dir=cache)
         except Exception as exc:  # open_clip raises bare RuntimeError/ValueError/OSError
             raise ModelLoadError(self._load_failure(exc)) from exc
         model.eval()
@@ -226,6 +249,73 @@ class ClipTagger:
                 f"model.name: {folder} has no weights file (open_clip_model.safetensors)."
             )
 
+    def _check_known(self, name: str, pretrained: str | None) -> None:
+        """A mistyped model name or tag: name the closest known ones (open_clip lists all
+        150 names, or just says the tag is unknown)."""
+        if name.replace("/", "-") not in open_clip.list_models():  # open_clip's own lookup
+            raise ModelLoadError(
+                f"model.name: {name} is not a model open_clip knows; the closest are "
+                f"{_closest(name, open_clip.list_models())} (all of them: python -c "
+                "'import open_clip; print(open_clip.list_models())')."
+            )
+        if not pretrained or open_clip.get_pretrained_cfg(name, pretrained):
+            return
+        if not Path(pretrained).is_file():
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ModelLoadError(
+                f"model.pretrained: {pretrained} is not a tag of {name}, nor a file; the "
+                f"closest tags are {_closest(pretrained, tags)}."
+            )
+
+    def _check_hub(self) -> None:
+        """Fail at once when the model must come from the hub, is not in the download cache,
+        and the hub cannot be reached: huggingface_hub would retry for about a minute, then
+        give advice for its own users."""
+        source = self._hub_source()
+        if source is None:
+            return
+        repo, needed = source
+        if all(any(self._cached(repo, name) for name in names) for names in needed):
+            return  # without network, huggingface_hub takes the cached files at once
+        if huggingface_hub.constants.HF_HUB_OFFLINE:
+            reason = "HF_HUB_OFFLINE=1 is set"
+        else:
+            url = huggingface_hub.hf_hub_url(repo, needed[0][0])
+            try:
+                huggingface_hub.get_hf_file_metadata(url)  # one request, no retries
+                return
+            except HfHubHTTPError:
+                return  # the hub answered: open_clip goes on, and reports what it said
+            except Exception as exc:  # no answer: no network, no DNS, a proxy refusing...
+                reason = f"the hub cannot be reached ({' '.join(str(exc).split())})"
+        raise ModelLoadError(
+            f"The model {self._describe()} is not in the download cache {self.hub_cache} and "
+            f"{reason}. {OFFLINE_ADVICE}"
+        )
+
+    def _cached(self, repo: str, filename: str) -> bool:
+        found = huggingface_hub.try_to_load_from_cache(repo, filename, self.hub_cache)
+        return isinstance(found, str)  # else None, or a marker for "not on the hub"
+
+    def _hub_source(self) -> tuple[str, list[tuple[str, ...]]] | None:
+        """The hub repository open_clip fetches the model from, and the files it needs
+        (each: its possible names); None when it fetches nothing from the hub."""
+        name = self.config.name
+        if name.startswith(HF_HUB):
+            return name[len(HF_HUB) :], [("open_clip_config.json",), WEIGHT_FILES]
+        if name.startswith(LOCAL_DIR) or not self.config.pretrained:
+            return None
+        hub = open_clip.get_pretrained_cfg(name, self.config.pretrained).get("hf_hub")
+        if not hub:
+            return None  # a file, or a tag downloaded from a plain URL
+        repo, filename = os.path.split(hub)
+        filename = filename or WEIGHT_FILES[1]
+        # open_clip tries a .safetensors twin of the weights first.
+        twin = WEIGHT_FILES[0] if filename == WEIGHT_FILES[1] else filename
+        if twin.endswith((".bin", ".pth")):
+            twin = twin[:-4] + ".safetensors"
+        return repo, [(twin, filename)]
+
     def _load_failure(self, exc: Exception) -> str:
         text = " ".join(str(exc).split())
         name = self.config.name
@@ -234,12 +324,7 @@ class ClipTagger:
             for word in ("download", "connection", "offline", "resolve", "hub", "network")
         )
         if network and not name.startswith(LOCAL_DIR):
-            return (
-                f"The model {self._describe()} could not be fetched ({text}). Fetch it once on "
-                "a machine with network access (it is cached by huggingface_hub), or save it "
-                "to a folder with open_clip_config.json and open_clip_model.safetensors and "
-                "set model.name: local-dir:/path/to/folder."
-            )
+            return f"The model {self._describe()} could not be fetched ({text}). " + OFFLINE_ADVICE
         return f"Cannot load the model {self._describe()}: {text}"
 
     def _embed_set(self, name: str, spec: LabelSetConfig) -> LabelSetEmbedding:
@@ -316,6 +401,7 @@ class ClipTagger:
             path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
             partial = path.with_suffix(".partial")
             save_file(tensors, partial)
+            partial.chmod(_new_file_mode())  # see save_local_dir
             partial.replace(path)  # atomic: a reader never sees half a file
         except OSError as exc:
             log.warning("Cannot cache label embeddings in %s (%s)", path.parent, exc)
@@ -337,9 +423,14 @@ class ClipTagger:
             model_cfg = open_clip.get_model_config(name)
         folder.mkdir(parents=True, exist_ok=True)
         config = {"model_cfg": model_cfg, "preprocess_cfg": dict(self._model.visual.preprocess_cfg)}
-        (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+        config_file = folder / "open_clip_config.json"
+        config_file.write_text(json.dumps(config, indent=2))
         partial = folder / "open_clip_model.safetensors.partial"
         save_model(self._model, str(partial))
+        # safetensors writes its files 0600 whatever the umask: the service's user could not
+        # read a model an administrator saved for it. Both files get a new file's mode.
+        for file in (config_file, partial):
+            file.chmod(_new_file_mode())
         partial.replace(folder / "open_clip_model.safetensors")
         return folder
 
@@ -420,3 +511,24 @@ class ClipTagger:
 
 def _pick(prompts: list[list[str]], position: int) -> Callable[[str], str]:
     return lambda index: prompts[int(index)][position]
+
+
+def _closest(word: str, choices: Sequence[str]) -> str:
+    by_lower = {c.lower(): c for c in choices}
+    close = difflib.get_close_matches(word.lower(), list(by_lower), n=5, cutoff=0.5)
+    return ", ".join(by_lower[c] for c in close) or "none"
+
+
+def _new_file_mode() -> int:
+    """The mode a new file gets under this process's umask (0644 under umask 022)."""
+    umask = os.umask(0o077)  # reading the umask means setting it: put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _hub_logs_through_ours() -> None:
+    # huggingface_hub gives its logger a stderr handler of its own and lets its records
+    # reach ours too: each of its warnings was printed twice, once without our format.
+    hub = logging.getLogger("huggingface_hub")
+    for handler in list(hub.handlers):
+        hub.removeHandler(handler)

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import functools
+import os
 import random
 import shutil
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -188,26 +193,126 @@ def test_local_dir_without_weights_is_refused(tiny_model: Path, tmp_path: Path) 
         make_tagger(folder, tmp_path / "cache")
 
 
-def test_missing_download_explains_local_dir(tmp_path: Path) -> None:
-    # HF_HUB_OFFLINE=1 (set by conftest) makes the download fail at once, as with no network.
+def offline_advice(message: str) -> None:
+    """What a model that cannot be fetched must say: where to get it, and where to read on."""
+    assert "cliptagd fetch-model" in message and "--to FOLDER" in message
+    assert "local-dir:FOLDER" in message
+    assert "HF_HUB_OFFLINE=1" in message
+    assert '"Models offline"' in message
+
+
+def test_uncached_model_offline_fails_at_once_saying_what_to_do(tmp_path: Path) -> None:
+    # HF_HUB_OFFLINE=1 (set by conftest), and a cache of its own: nothing is cached.
     tagger = ClipTagger(
         ModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k", device="cpu"),
         {"colour": colour_set()},
         tmp_path,
     )
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError) as caught:
+        tagger.load()
+    assert time.monotonic() - started < 5
+    message = str(caught.value)
+    assert "ViT-B-32 (laion2b_s34b_b79k) is not in the download cache" in message
+    assert str(tmp_path / "huggingface" / "hub") in message
+    offline_advice(message)
+
+
+UNREACHABLE_HUB = """
+import logging, sys, time
+from pathlib import Path
+logging.basicConfig(format="LOG %(name)s: %(message)s")
+from cliptagd.config import LabelSetConfig, ModelConfig
+from cliptagd.tagger import ClipTagger, ModelLoadError
+tagger = ClipTagger(
+    ModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b79k", device="cpu"),
+    {"c": LabelSetConfig.model_validate({"labels": ["a", "b"]})},
+    Path(sys.argv[1]),
+)
+started = time.monotonic()
+try:
+    tagger.load()
+except ModelLoadError as exc:
+    print("ERROR", exc)
+print("SECONDS", time.monotonic() - started)
+logging.getLogger("huggingface_hub.file_download").warning("a warning of the hub")
+"""
+
+
+def test_unreachable_hub_fails_at_once_and_its_warnings_print_once(tmp_path: Path) -> None:
+    """As with no network: HF_HUB_OFFLINE unset, and the hub a local port nobody listens on
+    (refused at once; nothing leaves the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    env.pop("HF_HUB_OFFLINE", None)
+    env["HF_ENDPOINT"] = f"http://127.0.0.1:{port}"
+    result = subprocess.run(
+        [sys.executable, "-c", UNREACHABLE_HUB, str(tmp_path)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    error = next(line for line in lines if line.startswith("ERROR"))
+    assert "the hub cannot be reached" in error
+    offline_advice(error)
+    seconds = float(next(line for line in lines if line.startswith("SECONDS")).split()[1])
+    assert seconds < 10, result.stderr  # huggingface_hub's own retries took ~50 s
+    # huggingface_hub's messages go through our logging only.
+    assert result.stderr.count("a warning of the hub") == 1, result.stderr
+
+
+def hub_cache_holding(cache: Path, repo: str, model_dir: Path) -> None:
+    """Lay `model_dir`'s files out in a hub cache as huggingface_hub leaves a download."""
+    commit = "0" * 40
+    folder = cache / "huggingface" / "hub" / f"models--{repo.replace('/', '--')}"
+    shutil.copytree(model_dir, folder / "snapshots" / commit)
+    (folder / "refs").mkdir()
+    (folder / "refs" / "main").write_text(commit)
+
+
+def test_hub_models_come_from_the_cache_the_config_names(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another cache in the environment (a group member's own HF_HOME) does not split it.
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "elsewhere"))
+    hub_cache_holding(tmp_path / "cache", "someone/tiny-clip", tiny_model)
+    tagger = ClipTagger(
+        ModelConfig(name="hf-hub:someone/tiny-clip", device="cpu"),
+        {"colour": colour_set()},
+        tmp_path / "cache",
+    )
+    tagger.load()  # offline (HF_HUB_OFFLINE=1 from conftest): from that cache, or not at all
+    reference = make_tagger(tiny_model, tmp_path / "cache")
+    assert torch.equal(tagger.sets[0].weights, reference.sets[0].weights)
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_unknown_model_name_lists_the_closest_known_names(tmp_path: Path) -> None:
+    tagger = ClipTagger(
+        ModelConfig(name="ViT-B-33", pretrained=None, device="cpu"), {"c": colour_set()}, tmp_path
+    )
     with pytest.raises(ModelLoadError) as caught:
         tagger.load()
     message = str(caught.value)
-    assert "could not be fetched" in message
-    assert "local-dir:" in message
+    assert message.startswith("model.name: ViT-B-33 is not a model open_clip knows")
+    assert "ViT-B-32" in message and "ViT-B-16" in message
+    assert len(message) < 300  # a few names, not all 150
+    assert "open_clip.list_models()" in message
 
 
-def test_unknown_architecture(tmp_path: Path) -> None:
+def test_unknown_pretrained_tag_lists_the_models_tags(tmp_path: Path) -> None:
     tagger = ClipTagger(
-        ModelConfig(name="ViT-Nope", pretrained=None, device="cpu"), {"c": colour_set()}, tmp_path
+        ModelConfig(name="ViT-B-32", pretrained="laion2b_s34b_b80k", device="cpu"),
+        {"c": colour_set()},
+        tmp_path,
     )
-    with pytest.raises(ModelLoadError, match="Cannot load the model ViT-Nope"):
+    with pytest.raises(ModelLoadError) as caught:
         tagger.load()
+    message = str(caught.value)
+    assert message.startswith("model.pretrained: laion2b_s34b_b80k is not a tag of ViT-B-32")
+    assert "laion2b_s34b_b79k" in message
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
@@ -242,3 +347,36 @@ def test_truncated_weights_are_refused_not_half_used(tiny_model: Path, tmp_path:
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(ModelLoadError, match="Cannot load the model local-dir:"):
         make_tagger(folder, tmp_path / "cache")
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_a_saved_model_folder_follows_the_umask(
+    tiny_model: Path, tmp_path: Path, umask: int
+) -> None:
+    """An administrator saves the model for the service's user: it must be able to read it."""
+    tagger = make_tagger(tiny_model, tmp_path / "cache")
+    previous = os.umask(umask)
+    try:
+        folder = tagger.save_local_dir(tmp_path / "models" / "tiny")
+    finally:
+        os.umask(previous)
+    for path in (folder.parent, folder):
+        assert path.stat().st_mode & 0o777 == 0o777 & ~umask, path
+    files = list(folder.iterdir())
+    assert sorted(f.name for f in files) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    for file in files:
+        assert file.stat().st_mode & 0o777 == 0o666 & ~umask, file
+    # And it is the same model.
+    again = make_tagger(folder, tmp_path / "cache2")
+    assert torch.equal(again.sets[0].weights, tagger.sets[0].weights)
+
+
+def test_cached_label_embeddings_follow_the_umask(tiny_model: Path, tmp_path: Path) -> None:
+    """The service's group reads the label embeddings it cached (`cliptagd tags --all`)."""
+    previous = os.umask(0o027)
+    try:
+        make_tagger(tiny_model, tmp_path / "cache")
+    finally:
+        os.umask(previous)
+    (cached,) = (tmp_path / "cache" / "labels").glob("*.safetensors")
+    assert cached.stat().st_mode & 0o777 == 0o640

@@ -48,7 +48,10 @@ class Photo(Base):
     __tablename__ = "photos"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # Valid text for people and SQL; `raw_path` holds the exact bytes of the few names that
+    # are not valid UTF-8 (see paths.py).
     path: Mapped[str] = mapped_column(Text, unique=True)
+    raw_path: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     size: Mapped[int] = mapped_column(Integer)
     # Seconds since the epoch, as os.stat gives it; with size, tells an unchanged file.
     mtime: Mapped[float] = mapped_column(Float)
@@ -63,6 +66,9 @@ class Photo(Base):
     # jobs.fingerprint of the file as it was tagged: recognises it under another path.
     fingerprint: Mapped[str | None] = mapped_column(Text, default=None)
     deleted_at: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    # What a failed photo failed under (decoders, limits, model): when that changes, it is
+    # tried again.
+    failed_with: Mapped[str | None] = mapped_column(Text, default=None)
 
     tags: Mapped[list[Tag]] = relationship(
         back_populates="photo", cascade="all, delete-orphan", passive_deletes=True

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .jobs import FileStat, Job, Outcome
+from .paths import display
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -57,12 +58,15 @@ class Pipeline:
         model_id: str,
         batch_size: int,
         max_attempts: int,
+        failed_with: str | None = None,
         on_outcomes: Callable[[Sequence[Outcome]], None] | None = None,
     ) -> None:
         self.store = store
         self.worker = worker
         self.model_id = model_id
         self.max_attempts = max_attempts
+        # What failures happen under (decoders, limits, model): see Store.retry_failed.
+        self.failed_with = failed_with
         # Enough jobs at the worker to fill the batch being decoded and the one after it.
         self.in_flight_limit = 2 * batch_size
         self.on_outcomes = on_outcomes
@@ -74,6 +78,24 @@ class Pipeline:
         # back one at a time until each has an outcome: a poison photo then dies alone.
         self.suspects: set[int] = set()
         self.last_progress = time.monotonic()
+
+    def use_worker(
+        self,
+        worker: Engine,
+        *,
+        model_id: str,
+        batch_size: int,
+        max_attempts: int,
+        failed_with: str | None = None,
+    ) -> None:
+        """Hand the jobs to another worker from now on (a reload); the old one's jobs must
+        have been saved or handed back."""
+        self.worker = worker
+        self.model_id = model_id
+        self.in_flight_limit = 2 * batch_size
+        self.max_attempts = max_attempts
+        self.failed_with = failed_with
+        self.look_for_work()
 
     # -- intake (any thread) ----------------------------------------------------------------
 
@@ -133,7 +155,7 @@ class Pipeline:
         held = set(self.in_flight)
         failed = self.store.record_crash(
             held, f"crashed or stalled the worker {self.max_attempts} times ({reason})",
-            self.max_attempts,
+            self.max_attempts, self.failed_with,
         )  # fmt: skip
         if failed:
             log.error("Quarantined %d photo(s) that kept crashing the worker", failed)
@@ -202,16 +224,19 @@ class Pipeline:
             self.worker.submit(job)
 
     def _save(self, outcomes: Sequence[Outcome]) -> None:
-        self.store.save_results(outcomes, self.model_id, self.max_attempts)
+        saved = self.store.save_results(
+            outcomes, self.model_id, self.max_attempts, self.failed_with
+        )
         self.last_progress = time.monotonic()
         for outcome in outcomes:
             self.in_flight.pop(outcome.job.photo_id, None)
             self.suspects.discard(outcome.job.photo_id)
-            if outcome.error is not None:
-                if outcome.retry:
-                    log.info("Will retry %s: %s", outcome.job.path, outcome.error)
-                else:
-                    log.warning("Skipping %s: %s", outcome.job.path, outcome.error)
+            if outcome.error is None:
+                continue
+            if outcome.job.photo_id in saved.failed:
+                log.warning("Skipping %s: %s", display(outcome.job.path), outcome.error)
+            elif outcome.retry:
+                log.info("Will retry %s: %s", display(outcome.job.path), outcome.error)
         self._claim_needed = True
         if self.on_outcomes is not None:
             self.on_outcomes(outcomes)

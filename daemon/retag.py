@@ -55,7 +55,9 @@ def retag(
         for name, spec in tagger.label_set_configs.items()
     }
     stored = store.label_set_digests()
-    removed = sorted(set(stored) - set(wanted))
+    # Every set with tags, not only those recorded: a daemon still running an older config
+    # may have tagged photos with a set that another retag already forgot.
+    removed = sorted(store.tagged_label_sets() - set(wanted))
     if removed:
         store.forget_label_sets(removed)
         log.info("Removed the tags of label set(s) no longer configured: %s", ", ".join(removed))

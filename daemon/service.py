@@ -5,6 +5,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import json
 import logging
 import signal
 import threading
@@ -18,12 +21,13 @@ from tqdm import tqdm
 
 from .config import Config, ConfigError, load_config
 from .jobs import Outcome
+from .lock import DatabaseLock
 from .notify import Notifier
-from .pipeline import Pipeline
+from .pipeline import INTAKE_CHUNK, Pipeline
 from .scanner import PathFilter, walk
 from .store import KEEP_DELETED, Store
 from .watcher import Watcher
-from .worker import ModelUnavailable, Worker, WorkerError
+from .worker import ModelUnavailable, Ready, Worker, WorkerError
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,10 @@ RESTART_WINDOW_SECONDS = 300.0
 
 class StartupError(Exception):
     """The daemon cannot start; the message says why and what to do."""
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C came while starting: nothing to clean up but what was started."""
 
 
 class _Stopper:
@@ -70,25 +78,56 @@ def _path_filter(config: Config, extra_roots: Iterable[Path] = ()) -> PathFilter
     )
 
 
-def _queue_stale(store: Store, worker: Worker) -> None:
-    """Photos tagged by another model are encoded again, in the background."""
-    if worker.ready is None:
-        return
-    stale = store.mark_stale(worker.ready.model_id)
+def failure_context(config: Config, model_id: str) -> str:
+    """What a photo's failure depends on besides the file: the decoders at hand, the limits,
+    the model. A failed photo is tried again when this changes (a limit raised, pillow-heif
+    installed, another model), since it may now be tagged."""
+    from PIL import __version__ as pillow
+
+    facts = {
+        "model": model_id,
+        "max_pixels": config.worker.max_pixels,
+        "max_attempts": config.worker.max_attempts,
+        "stall_seconds": config.worker.stall_seconds,
+        "pillow": pillow,
+        "heif": importlib.util.find_spec("pillow_heif") is not None,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _catch_up(store: Store, config: Config, ready: Ready) -> str:
+    """After a worker is ready: photos of another model are queued to be encoded again, and
+    photos that failed under other conditions are tried again. Returns the failure context."""
+    stale = store.mark_stale(ready.model_id)
     if stale:
         log.info("%d photo(s) were tagged by another model: encoding them again", stale)
+    context = failure_context(config, ready.model_id)
+    retried = store.retry_failed(context)
+    if retried:
+        log.info("Trying %d failed photo(s) again: decoders, limits or the model changed", retried)
+    return context
 
 
-def _start_worker(config: Config, worker: Worker | None = None) -> Worker:
+def _start_worker(
+    config: Config, worker: Worker | None = None, stop: threading.Event | None = None
+) -> Worker:
+    """A worker with its model loaded; raises Stopped if `stop` is set meanwhile."""
     worker = worker or Worker(config)
     try:
-        ready = worker.start()
+        ready = worker.start(stop=stop)
     except ModelUnavailable as exc:
         raise StartupError(str(exc)) from None
     except WorkerError as exc:
         raise StartupError(f"The worker could not start: {exc}") from None
+    if ready is None:
+        raise Stopped
     log.info("Worker %d ready: model %s on %s", worker.pid, ready.model_id, ready.device)
     return worker
+
+
+def _ready(worker: Worker) -> Ready:
+    assert worker.ready is not None, "started workers are ready"
+    return worker.ready
 
 
 def _open_store(config: Config) -> Store:
@@ -159,6 +198,10 @@ def _shutdown(pipeline: Pipeline, worker: Worker) -> None:
     pipeline.hand_back()
 
 
+def _apply_log_level(config: Config) -> None:
+    logging.getLogger("cliptagd").setLevel(config.log_level.upper())
+
+
 class Daemon:
     """`cliptagd run`: the watcher, the pipeline and the worker, until SIGTERM."""
 
@@ -171,30 +214,42 @@ class Daemon:
         self.notifier = Notifier()
         self.stopper = _Stopper()
         self.reload_requested = threading.Event()
-        self.store = _open_store(config)
         self.watcher: Watcher | None = None
         self.scanner: threading.Thread | None = None
         self.next_rescan = float("inf")
         self.next_ping = 0.0
+        # A worker loading a reloaded config's model while the running one goes on tagging.
+        self.next_worker: Worker | None = None
+        self.old_config = config
 
     def run(self) -> int:
         try:
             _check_roots(self.config)
             self.stopper.install()
             signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
-            worker = _start_worker(self.config, self.launched)
+            worker = _start_worker(self.config, self.launched, self.stopper.event)
+        except Stopped:
+            log.info("Stopped while starting")
+            return 0
         except BaseException:
             if self.launched is not None:
                 self.launched.kill()
             raise
+        try:
+            # Only once the model is loaded: a start that fails leaves no empty database.
+            self.store = _open_store(self.config)
+        except BaseException:
+            worker.kill()
+            raise
         self.supervisor = _Supervisor(self.config, worker)
-        _queue_stale(self.store, worker)
+        failed_with = _catch_up(self.store, self.config, _ready(worker))
         self.pipeline = Pipeline(
             self.store,
             worker,
-            model_id=worker.ready.model_id if worker.ready else "",
+            model_id=_ready(worker).model_id,
             batch_size=self.config.worker.batch_size,
             max_attempts=self.config.worker.max_attempts,
+            failed_with=failed_with,
             on_outcomes=lambda _: self.supervisor.progressed(),
         )
         self._start_watching()
@@ -219,6 +274,8 @@ class Daemon:
                 if self.reload_requested.is_set():
                     self.reload_requested.clear()
                     self._reload()
+                if self.next_worker is not None:
+                    self._swap_when_ready()
                 if now >= self.next_rescan:
                     self._rescan()
                 if ping_every is not None and now >= self.next_ping:
@@ -236,6 +293,8 @@ class Daemon:
             self.notifier.stopping()
             if self.watcher is not None:
                 self.watcher.stop()
+            if self.next_worker is not None:
+                self.next_worker.kill()
             _shutdown(self.pipeline, self.supervisor.worker)
             counts = self.store.counts()
             self.store.close()
@@ -308,7 +367,11 @@ class Daemon:
         )
 
     def _reload(self) -> None:
-        """SIGHUP: load the config again; keep running on the old one if the new one is bad."""
+        """SIGHUP: load the config again; keep running on the old one if the new one is bad.
+
+        A new model or new label sets load in a second worker while the running one goes on
+        tagging (and the watchdog is still fed); the two are swapped once it is ready.
+        """
         self.notifier.reloading()
         if self.config_path is None:
             log.warning("Cannot reload: no config file to read again.")
@@ -328,83 +391,140 @@ class Daemon:
             self.notifier.ready(self._status())
             return
         old, self.config = self.config, new
-        if (new.model, new.label_sets, new.worker, new.cache_path) != (
-            old.model, old.label_sets, old.worker, old.cache_path,
-        ):  # fmt: skip
-            log.info("Reloading: starting a worker for the new model and label sets")
-            _shutdown(self.pipeline, self.supervisor.worker)
-            try:
-                worker = _start_worker(new)
-            except StartupError as exc:
-                log.error("The new config's model cannot be loaded (%s); keeping the old one", exc)
-                self.config = new = new.model_copy(
-                    update={"model": old.model, "label_sets": old.label_sets,
-                            "worker": old.worker, "cache_dir": old.cache_dir}
-                )  # fmt: skip
-                worker = _start_worker(old)
-            self.supervisor = _Supervisor(new, worker)
-            self.pipeline.worker = worker
-            self.pipeline.model_id = worker.ready.model_id if worker.ready else ""
-            self.pipeline.max_attempts = new.worker.max_attempts
-            self.pipeline.in_flight_limit = 2 * new.worker.batch_size
-            # The new worker re-tagged changed label sets from the stored embeddings as it
-            # started; a new model makes the photos of the old one stale.
-            _queue_stale(self.store, worker)
-            self.pipeline.look_for_work()
+        _apply_log_level(new)
         if new.watch != old.watch and self.watcher is not None:
             log.info("Reloading: watching %s", ", ".join(map(str, new.watch.paths)))
             self.watcher.stop()
             self._start_watching()
+        if (new.model, new.label_sets, new.worker, new.cache_path) != (
+            self.old_config.model, self.old_config.label_sets,
+            self.old_config.worker, self.old_config.cache_path,
+        ) or self.next_worker is not None:  # fmt: skip
+            if self.next_worker is not None:  # a reload while a reload loads: the newest wins
+                self.next_worker.kill()
+            log.info("Reloading: loading the new model and label sets; tagging goes on meanwhile")
+            self.next_worker = Worker(new)
+            self.next_worker.launch()
+            return
+        log.info("Reloaded the config from %s", self.config_path)
+        self.notifier.ready(self._status())
+
+    def _swap_when_ready(self) -> None:
+        """Put the reloaded config's worker in place of the running one once it is ready."""
+        assert self.next_worker is not None
+        try:
+            ready = self.next_worker.poll_ready()
+        except WorkerError as exc:
+            self.next_worker.kill()
+            self.next_worker = None
+            log.error("The new config's model cannot be loaded (%s); keeping the old one", exc)
+            old = self.old_config
+            self.config = self.config.model_copy(
+                update={"model": old.model, "label_sets": old.label_sets,
+                        "worker": old.worker, "cache_dir": old.cache_dir}
+            )  # fmt: skip
+            self.notifier.ready(self._status())
+            return
+        if ready is None:
+            return
+        worker, self.next_worker = self.next_worker, None
+        log.info("Worker %d ready: model %s on %s", worker.pid, ready.model_id, ready.device)
+        _shutdown(self.pipeline, self.supervisor.worker)
+        new = self.old_config = self.config
+        self.supervisor = _Supervisor(new, worker)
+        # The new worker re-tagged changed label sets from the stored embeddings as it
+        # started; a new model makes the photos of the old one stale.
+        failed_with = _catch_up(self.store, new, ready)
+        self.pipeline.use_worker(
+            worker,
+            model_id=ready.model_id,
+            batch_size=new.worker.batch_size,
+            max_attempts=new.worker.max_attempts,
+            failed_with=failed_with,
+        )
         log.info("Reloaded the config from %s", self.config_path)
         self.notifier.ready(self._status())
 
 
-def run_daemon(
-    config: Config, config_path: Path | None = None, worker: Worker | None = None
-) -> int:
+def run_daemon(config: Config, config_path: Path | None = None) -> int:
     """Watch, catch up, tag until SIGTERM/SIGINT; return the exit code.
 
-    `worker` may be already launched, so that the model loads while the rest starts.
+    Takes the database's lock first (one daemon per database), then starts the worker at
+    once, so that the model loads while the rest starts.
     """
+    lock = DatabaseLock(config.database.url)
+    lock.acquire("cliptagd run")
     try:
-        daemon = Daemon(config, config_path, worker)
-    except BaseException:
-        if worker is not None:
-            worker.kill()
-        raise
-    return daemon.run()
+        worker = Worker(config)
+        worker.launch()
+        return Daemon(config, config_path, worker).run()
+    finally:
+        lock.release()
 
 
 def _advance(bar: tqdm[Any], outcomes: Sequence[Outcome]) -> None:
     bar.update(sum(not outcome.retry for outcome in outcomes))
 
 
-def run_scan(config: Config, paths: Sequence[Path], progress: bool = True) -> int:
-    """Tag every untagged photo under `paths` (default: the watched folders), then return."""
+def run_scan(
+    config: Config, paths: Sequence[Path], progress: bool = True, retry_failed: bool = False
+) -> int:
+    """Tag every untagged photo under `paths` (default: the watched folders), then return.
+
+    Beside a running daemon (which holds the database's lock) the photos are only queued,
+    and the scan waits until the daemon has tagged them. `retry_failed`: failed photos
+    under `paths` are tried again.
+    """
     roots = list(paths) or list(config.watch.paths)
     for root in roots:
         if not root.exists():
             raise StartupError(f"{root}: no such file or folder")
-    store = _open_store(config)
     stopper = _Stopper()
     stopper.install()
+    lock = DatabaseLock(config.database.url)
+    if not lock.try_acquire("cliptagd scan"):
+        return _scan_for_daemon(config, roots, progress, retry_failed, stopper.event)
+    try:
+        return _scan(config, roots, progress, retry_failed, stopper.event)
+    finally:
+        lock.release()
+
+
+def _scan(
+    config: Config,
+    roots: Sequence[Path],
+    progress: bool,
+    retry_failed: bool,
+    stop: threading.Event,
+) -> int:
     path_filter = _path_filter(config, roots)
-    worker = _start_worker(config)
+    try:
+        worker = _start_worker(config, stop=stop)
+    except Stopped:
+        return 0
+    try:
+        store = _open_store(config)
+    except BaseException:
+        worker.kill()
+        raise
     supervisor = _Supervisor(config, worker)
-    _queue_stale(store, worker)
+    if retry_failed:
+        _retry_failed_under(store, roots)
+    failed_with = _catch_up(store, config, _ready(worker))
     bar: tqdm[Any] = tqdm(desc="Tagging", unit="photo", disable=None if progress else True)
     pipeline = Pipeline(
         store,
         worker,
-        model_id=worker.ready.model_id if worker.ready else "",
+        model_id=_ready(worker).model_id,
         batch_size=config.worker.batch_size,
         max_attempts=config.worker.max_attempts,
+        failed_with=failed_with,
         on_outcomes=lambda outcomes: _advance(bar, outcomes),
     )
     already_pending = store.counts()["pending"]
-    scanner = _scan_in_background(roots, path_filter, pipeline, stopper.event)
+    scanner = _scan_in_background(roots, path_filter, pipeline, stop)
     try:
-        while not stopper.event.is_set():
+        while not stop.is_set():
             try:
                 pipeline.step(timeout=0.05)
             except WorkerError as exc:
@@ -417,6 +537,58 @@ def run_scan(config: Config, paths: Sequence[Path], progress: bool = True) -> in
         bar.close()
         _shutdown(pipeline, supervisor.worker)
         counts = store.counts()
+        store.close()
+    log.info(
+        "Scan done: %d tagged, %d pending, %d failed in the database",
+        counts["tagged"], counts["pending"], counts["failed"],
+    )  # fmt: skip
+    return 0
+
+
+def _retry_failed_under(store: Store, roots: Sequence[Path]) -> None:
+    retried = store.retry_failed(under=[str(root) for root in roots])
+    if retried:
+        log.info("Trying %d failed photo(s) again", retried)
+
+
+def _scan_for_daemon(
+    config: Config,
+    roots: Sequence[Path],
+    progress: bool,
+    retry_failed: bool,
+    stop: threading.Event,
+) -> int:
+    """A daemon is running on this database: queue the photos for it, and wait until it
+    has tagged them (it finds new pending photos within a fraction of a second)."""
+    log.info("A daemon is running on this database: queueing the photos for it")
+    store = _open_store(config)
+    try:
+        if retry_failed:
+            _retry_failed_under(store, roots)
+        path_filter = _path_filter(config, roots)
+        batch = []
+        for root in roots:
+            for stat in walk(root, path_filter):
+                if stop.is_set():
+                    return 0
+                batch.append(stat)
+                if len(batch) >= INTAKE_CHUNK:
+                    store.enqueue(batch)
+                    batch = []
+        store.enqueue(batch)
+        folders = [str(root) for root in roots]
+        waiting = store.waiting_under(folders)
+        with tqdm(
+            desc="Tagged by the daemon", unit="photo", total=waiting,
+            disable=None if progress else True,
+        ) as bar:  # fmt: skip
+            while waiting and not stop.is_set():
+                stop.wait(0.5)
+                left = store.waiting_under(folders)
+                bar.update(max(0, waiting - left))
+                waiting = left
+        counts = store.counts()
+    finally:
         store.close()
     log.info(
         "Scan done: %d tagged, %d pending, %d failed in the database",

@@ -1,20 +1,27 @@
 """The tag database: every query cliptagd makes, as a verb method.
 
-The daemon opens it as the only writer; the query commands open it read-only while the daemon
-runs. On SQLite that works because of WAL mode, a busy timeout, and write transactions that
-take the write lock up front (BEGIN IMMEDIATE): a transaction that reads and then writes can
-otherwise fail with "database is locked" at once, whatever the busy timeout.
+Writers are the daemon (and its worker, which re-tags from stored embeddings), `cliptagd
+scan` and `cliptagd retag`; the query commands open the database read-only (SQLite's
+`mode=ro`), so they work for anyone who can read the file, while those run or not. On SQLite
+that works because of WAL mode, a busy timeout, and write transactions that take the write
+lock up front (BEGIN IMMEDIATE; a transaction that reads and then writes can otherwise fail
+with "database is locked" at once, whatever the busy timeout). Reads take no write lock, and a
+writer kept out longer than the busy timeout by another program waits and tries again.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
-from collections.abc import Collection, Iterable, Iterator, Sequence
+import sqlite3
+import time
+import urllib.parse
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, ParamSpec, TypeVar
 
 from sqlalchemy import (
     Connection,
@@ -34,6 +41,7 @@ from sqlalchemy.exc import ArgumentError, OperationalError
 
 from .jobs import FileStat, Job, Outcome, TagScore, fingerprint
 from .models import VISIBLE, Embedding, LabelSetDigest, LabelTotal, Photo, Status, Tag
+from .paths import display, folder_prefix, from_db, to_db
 
 log = logging.getLogger(__name__)
 
@@ -51,13 +59,61 @@ RETRY_DELAY = timedelta(seconds=5)
 KEEP_DELETED = timedelta(days=30)
 
 
+# How long a statement waits for another program's write lock before it is retried (and
+# the wait logged): SQLite's busy timeout.
+BUSY_TIMEOUT = 30.0
+
+# While another program holds the write lock, the wait is logged again this often.
+LOCKED_LOG_EVERY = 60.0
+
+
 class StoreError(Exception):
     """The database cannot be opened or used; the message says what to do."""
 
 
+class UnsupportedDatabase(StoreError):
+    """database.url names a database cliptagd cannot use (a config error)."""
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _is_locked(exc: OperationalError) -> bool:
+    text = str(exc.orig).lower()
+    return "locked" in text or "busy" in text
+
+
+def waits_for_locks(method: Callable[P, R]) -> Callable[P, R]:
+    """Run `method` again while another program holds the database's write lock past the
+    busy timeout (a GUI editor's open transaction, a long VACUUM): wait, never fail."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        since = last_log = None
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except OperationalError as exc:
+                if not _is_locked(exc):
+                    raise
+                now = time.monotonic()
+                if last_log is None or now - last_log >= LOCKED_LOG_EVERY:
+                    log.warning(
+                        "The database is locked by another program (an open transaction in "
+                        "another SQLite client, or a VACUUM?)%s; waiting for it",
+                        f" for {now - since:.0f} s" if since is not None else "",
+                    )
+                    last_log = now
+                since = since if since is not None else now
+                time.sleep(1.0)
+
+    return wrapper
+
+
 @dataclass(frozen=True, slots=True)
 class TagRow:
-    path: str
+    path: str  # as open() takes it (see paths.py)
     label_set: str
     label: str
     score: float
@@ -81,6 +137,14 @@ class TagQuery:
 
 
 @dataclass(frozen=True, slots=True)
+class Saved:
+    """What `save_results` wrote: how many outcomes, and which photos failed for good."""
+
+    written: int
+    failed: frozenset[int]
+
+
+@dataclass(frozen=True, slots=True)
 class LabelCount:
     label_set: str
     label: str
@@ -99,37 +163,77 @@ def _now() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-class Store:
-    """The tag database at `url`. `readonly` opens it for queries only."""
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite `url` (None for an in-memory database). Raises StoreError for a
+    URL that is not SQLite's: the queries, upserts and triggers are SQLite's for now."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UnsupportedDatabase(
+            f"database.url {url!r} is not a database URL (sqlite:////path/to/tags.db)"
+        ) from None
+    if parsed.get_backend_name() != "sqlite":
+        raise UnsupportedDatabase(
+            f"database.url: {parsed.get_backend_name()} is not supported; cliptagd keeps its "
+            "tags in SQLite (database.url: sqlite:////path/to/tags.db)."
+        )
+    if not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
 
-    def __init__(self, url: str, *, readonly: bool = False) -> None:
+
+class Store:
+    """The tag database at `url`. `readonly` opens it for queries only (SQLite's read-only
+    mode: it needs no write permission anywhere)."""
+
+    def __init__(
+        self, url: str, *, readonly: bool = False, busy_timeout: float = BUSY_TIMEOUT
+    ) -> None:
         self.url = url
         self.readonly = readonly
-        try:
-            parsed = make_url(url)
-        except ArgumentError:
-            raise StoreError(f"database.url {url!r} is not a valid SQLAlchemy URL") from None
-        self._sqlite = parsed.get_backend_name() == "sqlite"
-        if self._sqlite and parsed.database and parsed.database != ":memory:":
-            db_path = Path(parsed.database)
-            if readonly and not db_path.exists():
+        self.busy_timeout = busy_timeout
+        self.file = sqlite_file(url)
+        if self.file is not None and not self.file.exists():
+            if readonly:
                 raise StoreError(
-                    f"No tag database at {db_path} yet: start the daemon (cliptagd run) "
+                    f"No tag database at {self.file} yet: start the daemon (cliptagd run) "
                     "or tag a folder (cliptagd scan) first."
                 )
-            if not readonly and not db_path.exists():
-                # The database lists the paths of private photos: the owner writes it, its
-                # group (a "query" group) may read it, others see nothing. SQLite gives the
-                # -wal and -shm files the same mode.
-                db_path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
-                os.close(os.open(db_path, os.O_CREAT | os.O_WRONLY, 0o640))
+            self._create_file(self.file)
         self.engine = self._create_engine(url)
+        # Write transactions say so, and take the write lock up front (see _create_engine).
+        self._writer = self.engine.execution_options(cliptagd_write=True)
+
+    @staticmethod
+    def _create_file(path: Path) -> None:
+        try:
+            # The database lists the paths of private photos: the owner writes it, its group
+            # (a "query" group) may read it, others see nothing. SQLite gives the -wal and
+            # -shm files the same mode.
+            path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o640))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise StoreError(
+                f"Cannot create the database {path}: {reason}. Point database.url at a file "
+                "in a folder this user can write."
+            ) from None
 
     def _create_engine(self, url: str) -> Engine:
-        if not self._sqlite:
-            return create_engine(url, pool_pre_ping=True)
-        engine = create_engine(url, connect_args={"timeout": 30})
         readonly = self.readonly
+        if readonly and self.file is not None:
+            # mode=ro: SQLite opens the file read-only and never tries to create or write
+            # anything beside it (the -wal and -shm files exist while a writer runs).
+            uri = "file:" + urllib.parse.quote(str(self.file.absolute())) + "?mode=ro"
+            engine = create_engine(
+                "sqlite://",
+                creator=lambda: sqlite3.connect(
+                    uri, uri=True, timeout=self.busy_timeout, check_same_thread=False
+                ),
+            )
+        else:
+            engine = create_engine(url, connect_args={"timeout": self.busy_timeout})
+        busy_ms = int(self.busy_timeout * 1000)
 
         @event.listens_for(engine, "connect")
         def _on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -137,7 +241,7 @@ class Store:
             # recipe), so that writers can say IMMEDIATE.
             dbapi_connection.isolation_level = None
             cursor = dbapi_connection.cursor()
-            cursor.execute("PRAGMA busy_timeout = 30000")
+            cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
             cursor.execute("PRAGMA foreign_keys = ON")
             # Queries at a million photos read pages all over the file: mapped, a page that
             # is in the OS's cache costs no system call. (Address space, not memory.)
@@ -154,7 +258,10 @@ class Store:
 
         @event.listens_for(engine, "begin")
         def _on_begin(conn: Connection) -> None:
-            conn.exec_driver_sql("BEGIN" if readonly else "BEGIN IMMEDIATE")
+            # Reading takes no write lock, so another program's long write transaction does
+            # not stop the daemon from looking for work.
+            write = conn.get_execution_options().get("cliptagd_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
 
         return engine
 
@@ -166,6 +273,28 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+        if not self.readonly and self.file is not None:
+            self._leave_wal()
+
+    def _leave_wal(self) -> None:
+        """Switch a database nobody else has open back to a rollback journal.
+
+        A WAL database can only be read by someone who may create its -shm file, or while it
+        exists: in the system layout (a state folder only its owner writes), its group could
+        not query a stopped daemon's database. In rollback mode any reader of the file can.
+        The next writer switches back to WAL. Best effort: with anyone else connected, the
+        switch is skipped at once (no waiting).
+        """
+        assert self.file is not None
+        try:
+            connection = sqlite3.connect(self.file, timeout=0)
+            try:
+                connection.execute("PRAGMA busy_timeout = 0")
+                connection.execute("PRAGMA journal_mode = DELETE")
+            finally:
+                connection.close()
+        except sqlite3.Error:
+            pass
 
     # -- schema ---------------------------------------------------------------------------
 
@@ -196,13 +325,14 @@ class Store:
                 "newer cliptagd. Upgrade cliptagd, or point database.url at another file."
             ) from None
 
+    @waits_for_locks
     def migrate(self) -> None:
         """Create the schema or bring it up to date; refuse a database newer than this code."""
         from alembic import command
 
         cfg, script = self._alembic()
         try:
-            with self.engine.begin() as conn:
+            with self._writer.begin() as conn:
                 current = self._current_revision(conn)
                 self._check_not_newer(script, current)
                 if current != script.get_current_head():
@@ -214,6 +344,8 @@ class Store:
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
         except OperationalError as exc:
+            if _is_locked(exc):
+                raise
             raise StoreError(f"Cannot open the database {self._where()}: {exc.orig}") from None
 
     def check_schema(self) -> None:
@@ -236,6 +368,7 @@ class Store:
 
     # -- the durable queue ----------------------------------------------------------------
 
+    @waits_for_locks
     def enqueue(self, stats: Iterable[FileStat]) -> int:
         """Record new or changed files as pending; return how many became pending.
 
@@ -245,9 +378,9 @@ class Store:
         """
         queued = 0
         for chunk in _chunks(stats, CHUNK):
-            by_path = {stat.path: stat for stat in chunk}
+            by_path = {display(stat.path): stat for stat in chunk}
             now = _now()
-            with self.engine.begin() as conn:
+            with self._writer.begin() as conn:
                 existing = {
                     row.path: row
                     for row in conn.execute(
@@ -259,14 +392,16 @@ class Store:
                 new = [stat for path, stat in by_path.items() if path not in existing]
                 moved = self._recognise_moves(conn, new)
                 new_rows = []
-                for stat in by_path.values():
-                    row = existing.get(stat.path)
+                for key, stat in by_path.items():
+                    row = existing.get(key)
                     if stat.path in moved:
                         continue
                     if row is None:
+                        text, raw = to_db(stat.path)
                         new_rows.append(
-                            {"path": stat.path, "size": stat.size, "mtime": stat.mtime,
-                             "status": Status.PENDING, "attempts": 0, "queued_at": now}
+                            {"path": text, "raw_path": raw, "size": stat.size,
+                             "mtime": stat.mtime, "status": Status.PENDING, "attempts": 0,
+                             "queued_at": now}
                         )  # fmt: skip
                     elif (row.size, row.mtime) != (stat.size, stat.mtime):
                         conn.execute(
@@ -299,7 +434,9 @@ class Store:
             return set()
         candidates: dict[int, list[Any]] = {}
         for row in conn.execute(
-            select(Photo.id, Photo.path, Photo.size, Photo.fingerprint, Photo.status).where(
+            select(
+                Photo.id, Photo.path, Photo.raw_path, Photo.size, Photo.fingerprint, Photo.status
+            ).where(
                 Photo.size.in_({stat.size for stat in new}),
                 Photo.fingerprint.is_not(None),
                 Photo.status.in_([*VISIBLE, Status.DELETED]),
@@ -318,21 +455,24 @@ class Store:
                 continue
             for row in rows:
                 # A tagged photo still at its path was copied, not moved: tag the copy.
-                gone = row.status == Status.DELETED or not os.path.exists(row.path)
+                old_path = from_db(row.path, row.raw_path)
+                gone = row.status == Status.DELETED or not os.path.exists(old_path)
                 if row.fingerprint == print_ and gone:
+                    text, raw = to_db(stat.path)
                     conn.execute(
                         update(Photo).where(Photo.id == row.id).values(
-                            path=stat.path, mtime=stat.mtime,
+                            path=text, raw_path=raw, mtime=stat.mtime,
                             status=Status.TAGGED if row.status == Status.DELETED else row.status,
                             deleted_at=None,
                         )
                     )  # fmt: skip
-                    log.info("Recognised %s as %s, moved: tags kept", stat.path, row.path)
+                    log.info("Recognised %s as %s, moved: tags kept", display(stat.path), row.path)
                     moved.add(stat.path)
                     taken.add(row.id)
                     break
         return moved
 
+    @waits_for_locks
     def claim(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
         """Up to `limit` photos to process, not among `exclude`: pending ones that are due,
         oldest first, then stale ones (tagged by another model)."""
@@ -341,7 +481,7 @@ class Store:
             if len(jobs) >= limit:
                 break
             query = (
-                select(Photo.id, Photo.path, Photo.size, Photo.mtime)
+                select(Photo.id, Photo.path, Photo.raw_path, Photo.size, Photo.mtime)
                 .where(Photo.status == status)
                 .order_by(Photo.id)
                 .limit(limit - len(jobs))
@@ -351,18 +491,27 @@ class Store:
             if exclude:
                 query = query.where(Photo.id.not_in(list(exclude)))
             with self.engine.connect() as conn:
-                jobs += [Job(row.id, row.path, row.size, row.mtime) for row in conn.execute(query)]
+                jobs += [_job(row) for row in conn.execute(query)]
         return jobs
 
-    def save_results(self, outcomes: Sequence[Outcome], model_id: str, max_attempts: int) -> int:
-        """Write one batch of outcomes in one transaction; return how many were written.
+    @waits_for_locks
+    def save_results(
+        self,
+        outcomes: Sequence[Outcome],
+        model_id: str,
+        max_attempts: int,
+        failed_with: str | None = None,
+    ) -> Saved:
+        """Write one batch of outcomes in one transaction; say how many were written and
+        which photos failed for good (out of attempts, or a failure that cannot pass).
 
         An outcome for a file that changed (or was removed) while it was being processed is
         dropped: the row is pending again with the new size and mtime and will be redone.
+        `failed_with` records what a failure happened under (see `retry_failed`).
         """
-        written = 0
+        written, failed = 0, set()
         now = _now()
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             for outcome in outcomes:
                 job = outcome.job
                 current = (
@@ -386,10 +535,13 @@ class Store:
                         "status": Status.PENDING if again else Status.FAILED,
                         "error": outcome.error, "attempts": attempts, "tagged_at": now,
                         "retry_at": now + RETRY_DELAY * attempts if again else None,
+                        "failed_with": None if again else failed_with,
                     }  # fmt: skip
                 if conn.execute(update(Photo).where(current).values(**values)).rowcount != 1:
                     continue
                 written += 1
+                if values["status"] == Status.FAILED:
+                    failed.add(job.photo_id)
                 if outcome.embedding is not None:
                     conn.execute(
                         sqlite_insert(Embedding)
@@ -409,9 +561,16 @@ class Store:
                             for t in outcome.tags
                         ],
                     )  # fmt: skip
-        return written
+        return Saved(written, frozenset(failed))
 
-    def record_crash(self, photo_ids: Collection[int], reason: str, max_attempts: int) -> int:
+    @waits_for_locks
+    def record_crash(
+        self,
+        photo_ids: Collection[int],
+        reason: str,
+        max_attempts: int,
+        failed_with: str | None = None,
+    ) -> int:
         """The worker died holding these photos: count an attempt; fail those out of attempts.
 
         Returns how many were failed (quarantined), so a photo that kills the worker every
@@ -420,7 +579,7 @@ class Store:
         if not photo_ids:
             return 0
         now = _now()
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             pending = (Photo.id.in_(list(photo_ids))) & (
                 Photo.status.in_([Status.PENDING, Status.STALE])
             )
@@ -428,51 +587,81 @@ class Store:
             failed = conn.execute(
                 update(Photo)
                 .where(pending & (Photo.attempts >= max_attempts))
-                .values(status=Status.FAILED, error=reason, tagged_at=now)
+                .values(status=Status.FAILED, error=reason, tagged_at=now, failed_with=failed_with)
             )
             return failed.rowcount
 
+    @waits_for_locks
     def claim_ids(self, photo_ids: Collection[int], limit: int) -> list[Job]:
         """Up to `limit` of the given photos that are still pending."""
         query = (
-            select(Photo.id, Photo.path, Photo.size, Photo.mtime)
+            select(Photo.id, Photo.path, Photo.raw_path, Photo.size, Photo.mtime)
             .where(Photo.id.in_(list(photo_ids)), Photo.status.in_([Status.PENDING, Status.STALE]))
             .order_by(Photo.id)
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            return [Job(row.id, row.path, row.size, row.mtime) for row in conn.execute(query)]
+            return [_job(row) for row in conn.execute(query)]
 
+    @waits_for_locks
+    def retry_failed(self, failed_with: str | None = None, under: Sequence[str] = ()) -> int:
+        """Queue failed photos again: those that failed under other conditions than
+        `failed_with` (a decoder installed since, a limit raised, another model), or every
+        one when it is None; only under the folders `under` if given. Return the count."""
+        where = [Photo.status == Status.FAILED]
+        if failed_with is not None:
+            where.append(or_(Photo.failed_with.is_(None), Photo.failed_with != failed_with))
+        if under:
+            where.append(or_(*(_under(folder) for folder in under)))
+        with self._writer.begin() as conn:
+            return conn.execute(
+                update(Photo)
+                .where(*where)
+                .values(
+                    status=Status.PENDING, error=None, attempts=0, retry_at=None,
+                    queued_at=_now(), failed_with=None,
+                )
+            ).rowcount  # fmt: skip
+
+    @waits_for_locks
     def move(self, src: str, dest: str) -> int:
         """A file or folder was renamed: its rows (and so its tags) follow; return the count."""
-        src_prefix, dest_prefix = src.rstrip(os.sep) + os.sep, dest.rstrip(os.sep) + os.sep
-        with self.engine.begin() as conn:
-            under = Photo.path.startswith(src_prefix, autoescape=True)
-            rows = conn.execute(select(Photo.id, Photo.path).where((Photo.path == src) | under))
-            moves = {
-                row.id: dest if row.path == src else dest_prefix + row.path[len(src_prefix) :]
-                for row in rows
-            }
+        src_prefix, dest_prefix = folder_prefix(src), folder_prefix(dest)
+        with self._writer.begin() as conn:
+            rows = conn.execute(
+                select(Photo.id, Photo.path, Photo.raw_path).where(
+                    (Photo.path == display(src)) | _under(src)
+                )
+            )
+            moves: dict[int, tuple[str, bytes | None]] = {}
+            for row in rows:
+                old = from_db(row.path, row.raw_path)
+                moves[row.id] = to_db(dest if old == src else dest_prefix + old[len(src_prefix) :])
             if not moves:
                 return 0
             # Whatever was at the destination was replaced by the move.
             conn.execute(
-                delete(Photo).where(Photo.path.in_(list(moves.values())), Photo.id.not_in(moves))
+                delete(Photo).where(
+                    Photo.path.in_([text for text, _ in moves.values()]), Photo.id.not_in(moves)
+                )
             )
-            for photo_id, path in moves.items():
-                conn.execute(update(Photo).where(Photo.id == photo_id).values(path=path))
+            for photo_id, (text, raw) in moves.items():
+                conn.execute(
+                    update(Photo).where(Photo.id == photo_id).values(path=text, raw_path=raw)
+                )
             return len(moves)
 
     def missing_paths(self, roots: Sequence[str]) -> Iterator[str]:
         """Paths recorded under `roots` whose file is gone (deleted while nobody watched)."""
         last_id = 0
-        under = [
-            Photo.path.startswith(root.rstrip(os.sep) + os.sep, autoescape=True) for root in roots
-        ]
         while True:
             query = (
-                select(Photo.id, Photo.path)
-                .where(Photo.id > last_id, Photo.status != Status.DELETED, or_(*under))
+                select(Photo.id, Photo.path, Photo.raw_path)
+                .where(
+                    Photo.id > last_id,
+                    Photo.status != Status.DELETED,
+                    or_(*(_under(root) for root in roots)),
+                )
                 .order_by(Photo.id)
                 .limit(CHUNK)
             )
@@ -481,16 +670,17 @@ class Store:
             if not rows:
                 return
             for row in rows:
-                if not os.path.exists(row.path):
-                    yield row.path
+                path = from_db(row.path, row.raw_path)
+                if not os.path.exists(path):
+                    yield path
             last_id = rows[-1].id
 
+    @waits_for_locks
     def remove(self, path: str) -> int:
         """Mark a deleted file, or every file under a deleted folder, as deleted: out of every
         query, kept a while in case it reappears elsewhere. Return the count."""
-        prefix = path.rstrip(os.sep) + os.sep
-        under = (Photo.path == path) | Photo.path.startswith(prefix, autoescape=True)
-        with self.engine.begin() as conn:
+        under = (Photo.path == display(path)) | _under(path)
+        with self._writer.begin() as conn:
             # Only a tagged photo is worth keeping: anything else is simply redone if it
             # comes back.
             dropped = conn.execute(
@@ -503,9 +693,10 @@ class Store:
             )
             return dropped.rowcount + kept.rowcount
 
+    @waits_for_locks
     def purge_deleted(self, older_than: timedelta = KEEP_DELETED) -> int:
         """Drop the rows of photos deleted more than `older_than` ago; return the count."""
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             result = conn.execute(
                 delete(Photo).where(
                     Photo.status == Status.DELETED, Photo.deleted_at < _now() - older_than
@@ -515,12 +706,13 @@ class Store:
 
     # -- stored embeddings ----------------------------------------------------------------
 
+    @waits_for_locks
     def mark_stale(self, model_id: str) -> int:
         """Photos tagged by another model than `model_id` are queued to be encoded again
         (keeping their tags meanwhile); those back on their own model need nothing.
         Return how many are stale."""
         current = select(Embedding.photo_id).where(Embedding.model_id == model_id)
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             conn.execute(
                 update(Photo)
                 .where(Photo.status == Status.TAGGED, Photo.id.not_in(current))
@@ -566,7 +758,7 @@ class Store:
         with self.engine.connect() as conn:
             for start in range(0, len(photo_ids), CHUNK):
                 stmt = (
-                    select(Photo.id, Photo.path)
+                    select(Photo.id, Photo.path, Photo.raw_path)
                     .join(Embedding, Embedding.photo_id == Photo.id)
                     .where(
                         Photo.id.in_(photo_ids[start : start + CHUNK]),
@@ -574,7 +766,7 @@ class Store:
                         Embedding.model_id == model_id,
                     )
                 )
-                out.update((row.id, row.path) for row in conn.execute(stmt))
+                out.update((row.id, from_db(row.path, row.raw_path)) for row in conn.execute(stmt))
         return out
 
     def embeddings_since(
@@ -601,7 +793,7 @@ class Store:
         stmt = (
             select(Embedding.model_id, Embedding.vector)
             .join(Photo, Photo.id == Embedding.photo_id)
-            .where(Photo.path == path)
+            .where(Photo.path == display(path))
         )
         with self.engine.connect() as conn:
             row = conn.execute(stmt).first()
@@ -610,13 +802,14 @@ class Store:
     def embeddings_of(self, paths: Sequence[str], model_id: str) -> dict[str, bytes]:
         """The stored embeddings (by `model_id`) of the given photos, by path."""
         stmt = (
-            select(Photo.path, Embedding.vector)
+            select(Photo.path, Photo.raw_path, Embedding.vector)
             .join(Embedding, Embedding.photo_id == Photo.id)
-            .where(Photo.path.in_(list(paths)), Embedding.model_id == model_id)
+            .where(Photo.path.in_([display(p) for p in paths]), Embedding.model_id == model_id)
         )
         with self.engine.connect() as conn:
-            return {row.path: row.vector for row in conn.execute(stmt)}
+            return {from_db(row.path, row.raw_path): row.vector for row in conn.execute(stmt)}
 
+    @waits_for_locks
     def replace_tags(
         self,
         label_sets: Collection[str],
@@ -624,7 +817,7 @@ class Store:
         tags: Sequence[Sequence[TagScore]],
     ) -> None:
         """Replace the tags of `label_sets` on these photos, in one transaction."""
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             for start in range(0, len(photo_ids), CHUNK):
                 conn.execute(
                     delete(Tag).where(
@@ -645,14 +838,26 @@ class Store:
         with self.engine.connect() as conn:
             return dict(conn.execute(select(LabelSetDigest.name, LabelSetDigest.digest)).all())
 
+    def tagged_label_sets(self) -> set[str]:
+        """Every label set that has tags in the database, or had them (its counts, kept by
+        triggers, stay until the set is forgotten), or was recorded as tagged."""
+        with self.engine.connect() as conn:
+            counted = conn.scalars(select(LabelTotal.label_set).distinct()).all()
+            recorded = conn.scalars(select(LabelSetDigest.name)).all()
+        return {*counted, *recorded}
+
+    @waits_for_locks
     def forget_label_sets(self, names: Collection[str]) -> int:
         """Drop every tag of these sets (removed from the config); return how many."""
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             conn.execute(delete(LabelSetDigest).where(LabelSetDigest.name.in_(list(names))))
-            return conn.execute(delete(Tag).where(Tag.label_set.in_(list(names)))).rowcount
+            removed = conn.execute(delete(Tag).where(Tag.label_set.in_(list(names)))).rowcount
+            conn.execute(delete(LabelTotal).where(LabelTotal.label_set.in_(list(names))))
+            return removed
 
+    @waits_for_locks
     def set_label_set_digest(self, name: str, digest: str) -> None:
-        with self.engine.begin() as conn:
+        with self._writer.begin() as conn:
             conn.execute(
                 sqlite_insert(LabelSetDigest)
                 .values(name=name, digest=digest)
@@ -661,6 +866,16 @@ class Store:
 
     # -- queries --------------------------------------------------------------------------
 
+    @waits_for_locks
+    def waiting_under(self, folders: Sequence[str]) -> int:
+        """How many photos under `folders` wait to be tagged (pending, or stale)."""
+        stmt = select(func.count()).where(
+            Photo.status.in_([Status.PENDING, Status.STALE]), or_(*map(_under, folders))
+        )
+        with self.engine.connect() as conn:
+            return int(conn.scalar(stmt) or 0)
+
+    @waits_for_locks
     def counts(self) -> dict[str, int]:
         """How many photos are in each status (every status present, zero or not)."""
         counts = {status.value: 0 for status in Status}
@@ -689,7 +904,7 @@ class Store:
 
         asked = [*q.tags, *q.any_tags]
         stmt = (
-            select(Photo.path, Tag.label_set, Tag.label, Tag.score)
+            select(Photo.path, Photo.raw_path, Tag.label_set, Tag.label, Tag.score)
             .join(Photo, Photo.id == Tag.photo_id)
             .where(Photo.status.in_(VISIBLE))
         )
@@ -707,8 +922,7 @@ class Store:
         if q.not_tags:
             stmt = stmt.where(Photo.id.not_in(carrying(q.not_tags, scored=False)))
         if q.under is not None:
-            prefix = q.under.rstrip(os.sep) + os.sep
-            stmt = stmt.where(Photo.path.startswith(prefix, autoescape=True))
+            stmt = stmt.where(_under(q.under))
         if q.since is not None:
             stmt = stmt.where(Photo.mtime >= q.since)
         if q.until is not None:
@@ -732,24 +946,27 @@ class Store:
             )
             stmt = stmt.where(Photo.id.in_(photos))
         with self.engine.connect() as conn:
-            return [TagRow(*row) for row in conn.execute(stmt.order_by(*order))]
+            return [_tag_row(row) for row in conn.execute(stmt.order_by(*order))]
 
     def tags_for(self, paths: Sequence[str]) -> list[TagRow]:
         """The tags of the given photos, by path, then set, best score first."""
         stmt = (
-            select(Photo.path, Tag.label_set, Tag.label, Tag.score)
+            select(Photo.path, Photo.raw_path, Tag.label_set, Tag.label, Tag.score)
             .join(Photo, Photo.id == Tag.photo_id)
-            .where(Photo.path.in_(list(paths)), Photo.status.in_(VISIBLE))
+            .where(Photo.path.in_([display(p) for p in paths]), Photo.status.in_(VISIBLE))
             .order_by(Photo.path, Tag.label_set, Tag.score.desc())
         )
         with self.engine.connect() as conn:
-            return [TagRow(*row) for row in conn.execute(stmt)]
+            return [_tag_row(row) for row in conn.execute(stmt)]
 
     def photos(self, paths: Sequence[str]) -> dict[str, PhotoState]:
         """What the database knows of each of `paths` (absent when it knows nothing)."""
-        stmt = select(Photo.path, Photo.status, Photo.error).where(Photo.path.in_(list(paths)))
+        stmt = select(Photo.path, Photo.raw_path, Photo.status, Photo.error).where(
+            Photo.path.in_([display(p) for p in paths])
+        )
         with self.engine.connect() as conn:
-            return {row.path: PhotoState(*row) for row in conn.execute(stmt)}
+            states = [_photo_state(row) for row in conn.execute(stmt)]
+        return {state.path: state for state in states}
 
     def labels(self) -> list[LabelCount]:
         """Every label in use with its number of photos, per set (kept by triggers)."""
@@ -764,13 +981,30 @@ class Store:
     def failures(self, limit: int = 20) -> list[PhotoState]:
         """The most recently failed photos with their reasons."""
         stmt = (
-            select(Photo.path, Photo.status, Photo.error)
+            select(Photo.path, Photo.raw_path, Photo.status, Photo.error)
             .where(Photo.status == Status.FAILED)
             .order_by(Photo.tagged_at.desc())
             .limit(limit)
         )
         with self.engine.connect() as conn:
-            return [PhotoState(*row) for row in conn.execute(stmt)]
+            return [_photo_state(row) for row in conn.execute(stmt)]
+
+
+def _under(folder: str) -> Any:
+    """The SQL condition "the photo is under `folder`" (the folder-prefix match)."""
+    return Photo.path.startswith(folder_prefix(display(folder)), autoescape=True)
+
+
+def _job(row: Any) -> Job:
+    return Job(row.id, from_db(row.path, row.raw_path), row.size, row.mtime)
+
+
+def _tag_row(row: Any) -> TagRow:
+    return TagRow(from_db(row.path, row.raw_path), row.label_set, row.label, row.score)
+
+
+def _photo_state(row: Any) -> PhotoState:
+    return PhotoState(from_db(row.path, row.raw_path), row.status, row.error)
 
 
 def _chunks(items: Iterable[FileStat], size: int) -> Iterator[list[FileStat]]:

@@ -73,11 +73,12 @@ class Worker:
         self._process: SpawnProcess | None = None
         self.ready: Ready | None = None
 
-    def start(self, timeout: float = 600.0) -> Ready:
-        """Start the process and wait until its model and label sets are loaded."""
+    def start(self, timeout: float = 600.0, stop: threading.Event | None = None) -> Ready | None:
+        """Start the process and wait until its model and label sets are loaded (None, and
+        the process ended, if `stop` is set meanwhile)."""
         if self._process is None:
             self.launch()
-        return self.wait_ready(timeout)
+        return self.wait_ready(timeout, stop)
 
     def launch(self) -> None:
         """Start the process without waiting: the model loads while the caller goes on."""
@@ -92,20 +93,36 @@ class Worker:
         )
         self._process.start()
 
-    def wait_ready(self, timeout: float = 600.0) -> Ready:
-        """Wait until the launched process has loaded its model and label sets."""
+    def wait_ready(
+        self, timeout: float = 600.0, stop: threading.Event | None = None
+    ) -> Ready | None:
+        """Wait until the launched process has loaded its model and label sets; None (and
+        the process ended) if `stop` is set first, so SIGTERM ends a start at once."""
         assert self._process is not None, "launch() first"
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            message = self._get(timeout=0.5)
-            if isinstance(message, Ready):
-                self.ready = message
-                return message
-            if isinstance(message, Fatal):
+            if stop is not None and stop.is_set():
                 self.kill()
-                raise (ModelUnavailable if message.model else WorkerError)(message.message)
+                return None
+            ready = self.poll_ready(timeout=0.2)
+            if ready is not None:
+                return ready
         self.kill()
         raise WorkerError(f"The worker did not load the model within {timeout:.0f} s.")
+
+    def poll_ready(self, timeout: float = 0.0) -> Ready | None:
+        """Ready once the model is loaded, None while it loads; raises (and ends the
+        process) if it cannot load."""
+        if self.ready is not None:
+            return self.ready
+        message = self._get(timeout=timeout)
+        if isinstance(message, Ready):
+            self.ready = message
+            return message
+        if isinstance(message, Fatal):
+            self.kill()
+            raise (ModelUnavailable if message.model else WorkerError)(message.message)
+        return None
 
     @property
     def alive(self) -> bool:
@@ -197,6 +214,9 @@ def worker_main(config: Config, jobs: Any, messages: Any, stop: Any, log_level: 
         force=True,
     )
     logging.getLogger("cliptagd").setLevel(log_level)
+    # Pillow warns with warnings.warn (decompression bombs, odd palettes): into the log, with
+    # a time and a name, not bare lines on stderr.
+    logging.captureWarnings(True)
     # Ctrl-C reaches the whole process group; the parent decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -228,7 +248,7 @@ class _ModelLoop:
     def __init__(self, config: Config, jobs: Any, messages: Any, stop: Any) -> None:
         import torch
 
-        from .decode import register_heif
+        from .decode import HEIF_SUFFIXES, NO_HEIF, register_heif
         from .tagger import ClipTagger
 
         self.config = config.worker
@@ -241,7 +261,8 @@ class _ModelLoop:
             if self.config.decode_threads != "auto"
             else max(1, cores - 1)
         )
-        register_heif()
+        if not register_heif() and set(HEIF_SUFFIXES) & set(config.watch.extensions):
+            log.warning("HEIC/HEIF photos will fail to tag. %s", NO_HEIF)
         from PIL import Image
 
         # Pillow's own decompression-bomb guard, at the same limit as ours (it refuses at twice
@@ -366,10 +387,13 @@ class _ModelLoop:
         decoded = [item for item in batch if not isinstance(item, Outcome)]
         if decoded:
             try:
+                started = time.perf_counter()
                 pixels = torch.stack([tensor for *_, tensor in decoded])
                 results = self.tagger.tag_and_embed(pixels)
                 for (job, print_, _), (tags, vector) in zip(decoded, results, strict=True):
                     outcomes.append(Outcome(job, tags, fingerprint=print_, embedding=vector))
+                elapsed = time.perf_counter() - started
+                log.info("Tagged %d photo(s) in %.1f s", len(decoded), elapsed)
             except Exception as exc:  # e.g. CUDA out of memory: fail the batch, keep running
                 log.exception("The model failed on a batch of %d photos", len(decoded))
                 outcomes.extend(

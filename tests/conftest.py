@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import multiprocessing
 import os
 import random
@@ -102,3 +104,30 @@ def no_leaks() -> Iterator[None]:
         time.sleep(0.05)
     assert not leaked_children, f"child processes left running: {leaked_children}"
     assert not leaked, f"threads left running: {leaked}"
+
+
+@contextlib.contextmanager
+def file_modes_enforced() -> Iterator[None]:
+    """Make this thread subject to file modes, as an unprivileged user is.
+
+    Root reads and lists anything (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a test of an
+    unreadable file would prove nothing as root, as in CI. Those two capabilities are
+    dropped from this thread's effective set for the block, and raised again after.
+    """
+    if os.geteuid() != 0:
+        yield  # modes apply already
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    data = (ctypes.c_uint32 * 6)()  # two of (effective, permitted, inheritable)
+    if libc.capget(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capget")
+    saved = data[0]
+    data[0] &= ~((1 << 1) | (1 << 2))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+    if libc.capset(header, data) != 0:
+        raise OSError(ctypes.get_errno(), "capset")
+    try:
+        yield
+    finally:
+        data[0] = saved
+        libc.capset(header, data)

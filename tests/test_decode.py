@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import io
+import logging
 import random
+import re
 import struct
+import subprocess
+import sys
+import time
 import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image, features
 
+from cliptagd.config import load_config
 from cliptagd.decode import UnreadableImage, open_rgb, register_heif
+from cliptagd.jobs import Job, Outcome
+from cliptagd.worker import Worker
+from tests import tinyclip
+from tests.conftest import ConfigFactory, file_modes_enforced, save_picture
 
 # The model's input side in these tests, and a pixel limit far above any picture made here.
 MIN_SIDE = 224
@@ -54,21 +64,6 @@ def two_halves(size: tuple[int, int]) -> Image.Image:
     img = Image.new("RGB", size, RED)
     img.paste(BLUE, (width // 2, 0, width, height))
     return img
-
-
-def permissions_apply(folder: Path) -> bool:
-    """False for root (unless it dropped CAP_DAC_OVERRIDE): it reads files whatever their mode."""
-    probe = folder / "probe"
-    probe.write_bytes(b"")
-    probe.chmod(0)
-    try:
-        probe.open("rb").close()
-    except PermissionError:
-        return True
-    finally:
-        probe.chmod(0o600)
-        probe.unlink()
-    return False
 
 
 def png_declaring(tmp_path: Path, width: int, height: int) -> Path:
@@ -247,14 +242,20 @@ def test_odd_file_names(tmp_path: Path, name: str) -> None:
     assert close_to(decode(path).getpixel((8, 8)), BLUE)
 
 
-def test_heic(tmp_path: Path) -> None:
+def heic_photo(folder: Path, colour: tuple[int, int, int] = RED) -> Path:
+    """A real HEIC file (written with pillow-heif, which the tests' environment has)."""
     pytest.importorskip("pillow_heif")
     assert register_heif()
-    path = tmp_path / "iphone.heic"
+    path = folder / "iphone.heic"
     try:
-        Image.new("RGB", (64, 48), RED).save(path)
+        Image.new("RGB", (64, 48), colour).save(path)
     except (KeyError, OSError, ValueError) as exc:  # a libheif built without an encoder
         pytest.skip(f"this pillow-heif cannot write HEIC: {exc}")
+    return path
+
+
+def test_heic(tmp_path: Path) -> None:
+    path = heic_photo(tmp_path)
 
     img = decode(path)
 
@@ -357,14 +358,89 @@ def test_directory_named_like_a_photo(tmp_path: Path) -> None:
 
 
 def test_permission_denied(tmp_path: Path) -> None:
-    if not permissions_apply(tmp_path):
-        pytest.skip("running as root: permissions are not enforced")
     path = tmp_path / "private.jpg"
     Image.new("RGB", (8, 8), RED).save(path)
     path.chmod(0)
     try:
-        error = refusal(path)
+        with file_modes_enforced():
+            error = refusal(path)
     finally:
         path.chmod(0o644)
 
     assert "permission denied" in str(error)
+
+
+WITHOUT_HEIF = """
+import sys
+sys.modules["pillow_heif"] = None  # as if installed without the extra: the import fails
+from cliptagd.decode import UnreadableImage, open_rgb, register_heif
+assert not register_heif()
+try:
+    open_rgb(sys.argv[1], 224, 10**9)
+except UnreadableImage as exc:
+    print(f"retry={exc.retry}: {exc}")
+"""
+
+
+def test_heic_without_pillow_heif_says_to_install_the_extra(tmp_path: Path) -> None:
+    # In a process of its own: Pillow's registry of formats is global, and this one has HEIC.
+    path = heic_photo(tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_HEIF, str(path)], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("retry=False: "), result.stdout + result.stderr
+    assert "pip install 'cliptagd[heif]'" in result.stdout
+
+
+# -- in the worker process ------------------------------------------------------------------
+
+
+def test_the_worker_logs_its_batches_and_pillows_warnings(
+    tmp_path: Path,
+    make_config: ConfigFactory,
+    photo_dir: Path,
+    rng: random.Random,
+    capfd: pytest.CaptureFixture[str],
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run the real worker without pillow-heif: it says so once at start-up and for the HEIC
+    photo; it logs each batch tagged, and Pillow's warnings go through its logging."""
+    heic = heic_photo(photo_dir)
+    hidden = tmp_path / "without-heif" / "pillow_heif"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text('raise ImportError("hidden by the test")\n')
+    # The worker is spawned with this process's sys.path: there, the hidden one comes first.
+    monkeypatch.syspath_prepend(hidden.parent)
+    caplog.set_level(logging.INFO, logger="cliptagd")  # the level the worker is started with
+    config = load_config(make_config(worker={"batch_size": 8, "max_pixels": 10_000}))
+    photos = [save_picture(photo_dir, f"{c}.png", c, rng) for c in tinyclip.COLOURS]
+    big = photo_dir / "big.png"  # 12,000 pixels: Pillow warns over max_pixels, refuses over 2x
+    Image.new("RGB", (120, 100), RED).save(big)
+    paths = [*photos, heic, big]
+    worker = Worker(config)
+    try:
+        worker.start(timeout=300)
+        for i, path in enumerate(paths):
+            worker.submit(Job(i, str(path), path.stat().st_size, path.stat().st_mtime))
+        outcomes: dict[str, Outcome] = {}
+        deadline = time.monotonic() + 120
+        while len(outcomes) < len(paths) and time.monotonic() < deadline:
+            outcomes.update((o.job.path, o) for o in worker.outcomes(timeout=1))
+    finally:
+        worker.stop(grace=10)
+    err = capfd.readouterr().err
+
+    assert [outcomes[str(p)].tags[0].label for p in photos] == list(tinyclip.COLOURS)
+    heic_error = outcomes[str(heic)].error
+    assert heic_error is not None and "pip install 'cliptagd[heif]'" in heic_error
+    startup = [line for line in err.splitlines() if "pillow-heif" in line]
+    assert len(startup) == 1 and "WARNING cliptagd.worker[worker]:" in startup[0], err
+    assert "pip install 'cliptagd[heif]'" in startup[0]
+    tagged = re.findall(
+        r"INFO cliptagd\.worker\[worker\]: Tagged (\d+) photo\(s\) in \d+\.\d s", err
+    )
+    assert sum(map(int, tagged)) == len(photos), err
+    assert "worker.max_pixels" in str(outcomes[str(big)].error)
+    bomb = [line for line in err.splitlines() if "DecompressionBombWarning" in line]
+    assert bomb and all("WARNING py.warnings[worker]:" in line for line in bomb), err

@@ -210,8 +210,8 @@ def check_query_commands(config: Path, truth: dict[Path, str], broken: Path) -> 
     table = cliptagd("query", "-c", config, "--tag", "red").stdout
     assert table.splitlines()[0].split() == ["path", "set", "label", "score"]
     assert all(path in table for path in reds)
-    none = cliptagd("query", "-c", config, "--tag", "red", "--set", "other", "--format", "json")
-    assert json.loads(none.stdout) == []
+    none = cliptagd("query", "-c", config, "--tag", "red", "--set", "other", check=False)
+    assert none.returncode == 1 and "no label set named 'other'" in none.stderr
     strict = cliptagd("query", "-c", config, "--tag", "red", "--min-score", "1", "--format", "json")
     assert json.loads(strict.stdout) == []
 
@@ -236,7 +236,7 @@ def check_query_commands(config: Path, truth: dict[Path, str], broken: Path) -> 
     labels_csv = cliptagd("labels", "-c", config, "--format", "csv").stdout
     assert labels_csv.splitlines()[0] == "set,label,count"
     assert "colour" in cliptagd("labels", "-c", config).stdout
-    assert cliptagd("labels", "-c", config, "--format", "paths", check=False).returncode == 1
+    assert cliptagd("labels", "-c", config, "--format", "paths", check=False).returncode == 2
 
     status = json.loads(cliptagd("status", "-c", config, "--format", "json").stdout)
     assert (status["pending"], status["tagged"], status["failed"]) == (0, len(truth), 1)
@@ -374,9 +374,7 @@ def test_bad_config_exits_78_naming_file_and_key(
     config = make_config(worker={"batch_size": -1})
     result = cliptagd("run", "-c", config, check=False)
     assert result.returncode == 78
-    assert (
-        f"{config}: worker.batch_size: Input should be greater than or equal to 1" in result.stderr
-    )
+    assert f"{config}: worker.batch_size: must be at least 1" in result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -388,6 +386,7 @@ def test_unloadable_model_ends_startup_with_one_sentence(
     assert result.returncode == 1
     assert "open_clip_config.json" in result.stderr
     assert "Traceback" not in result.stderr
+    assert not (tmp_path / "tags.db").exists()  # a failed start leaves no empty database
 
 
 def test_missing_watch_folder(tmp_path: Path, make_config: ConfigFactory, photo_dir: Path) -> None:
@@ -420,3 +419,89 @@ def test_fetch_model_saves_a_local_dir_that_tags_the_same(
         json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
         == (json.loads((tiny_model / "open_clip_config.json").read_text())["model_cfg"])
     )
+
+
+def test_a_day_of_real_use(
+    tmp_path: Path, make_config: ConfigFactory, photo_dir: Path, rng: random.Random
+) -> None:
+    """Odd names, a symlinked folder, a second daemon, a scan beside the daemon, and a failed
+    photo tried again once its limit is raised."""
+    link = tmp_path / "link"
+    link.symlink_to(photo_dir)
+    db = tmp_path / "tags.db"
+    odd = os.fsdecode(bytes(photo_dir) + b"/caf\xe9.png")
+    tinyclip.picture("red", rng).save(odd, format="PNG")
+    save_picture(photo_dir, "green.png", "green", rng)
+    tinyclip.picture("blue", rng, size=(400, 300)).save(photo_dir / "big.png")
+    config = make_config(watch={"paths": [str(link)]}, worker={"max_pixels": 100_000})
+    with Daemon(config) as daemon:
+        wait_for(lambda: all_done(db, 3), 60, "the first photos")
+        found = statuses(db)
+        assert found[str(photo_dir / "caf\\xe9.png")][0] == "tagged"
+        assert "more than the limit" in str(found[str(photo_dir / "big.png")][1])
+        # Paths given through the symlink are the same photos.
+        tags = cliptagd("tags", "-c", config, link / "green.png", "--format", "json")
+        assert [row["label"] for row in json.loads(tags.stdout)] == ["green"]
+        under = subprocess.run(
+            [sys.executable, "-m", "cliptagd", "query", "-c", str(config), "--under", str(link),
+             "--format", "paths", "-0"],
+            capture_output=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+        expected = [bytes(photo_dir / "caf") + b"\xe9.png", bytes(photo_dir / "green.png")]
+        assert sorted(under.split(b"\0")[:-1]) == sorted(expected)
+        # One daemon per database.
+        second = cliptagd("run", "-c", config, check=False)
+        assert second.returncode == 1
+        assert "cliptagd run (pid" in second.stderr and "already tagging" in second.stderr
+        # A scan beside it only queues, and waits for the daemon to tag.
+        elsewhere = tmp_path / "elsewhere"
+        save_picture(elsewhere, "yellow.png", "yellow", rng)
+        scan = cliptagd("scan", "-c", config, elsewhere, "--no-progress")
+        assert "queueing the photos for it" in scan.stderr
+        assert labels_of(db)[str(elsewhere / "yellow.png")] == ["yellow"]
+        assert "Worker" not in scan.stderr  # it started no model of its own
+        # The limit raised: the failed photo is tried again on reload.
+        config.write_text(config.read_text().replace("100000", "1000000"))
+        assert daemon.process is not None
+        daemon.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: statuses(db)[str(photo_dir / "big.png")][0] == "tagged", 60, "the retry")
+        assert labels_of(db)[str(photo_dir / "big.png")] == ["blue"]
+        assert "Traceback" not in daemon.log
+        assert daemon.stop() == 0
+
+
+def test_scan_retries_failed_photos_when_asked(
+    tmp_path: Path, make_config: ConfigFactory, photo_dir: Path, rng: random.Random
+) -> None:
+    db = tmp_path / "tags.db"
+    (photo_dir / "broken.png").write_bytes(b"not a picture")
+    config = make_config()
+    cliptagd("scan", "-c", config, "--no-progress")
+    assert statuses(db)[str(photo_dir / "broken.png")][0] == "failed"
+    save_picture(photo_dir, "fixed.png", "red", rng)
+    os.replace(photo_dir / "fixed.png", photo_dir / "broken.png.tmp")
+    # The same file name, same size and time: only --retry-failed looks at it again.
+    data = (photo_dir / "broken.png.tmp").read_bytes()
+    st = (photo_dir / "broken.png").stat()
+    (photo_dir / "broken.png.tmp").unlink()
+    cliptagd("scan", "-c", config, "--no-progress")
+    assert statuses(db)[str(photo_dir / "broken.png")][0] == "failed"
+    (photo_dir / "broken.png").write_bytes(data)
+    os.utime(photo_dir / "broken.png", ns=(st.st_atime_ns, st.st_mtime_ns))
+    cliptagd("scan", "-c", config, "--no-progress", "--retry-failed")
+    assert statuses(db)[str(photo_dir / "broken.png")][0] == "tagged"
+
+
+def test_sigterm_while_starting_exits_0_at_once(tmp_path: Path, make_config: ConfigFactory) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cliptagd", "run", "-c", str(make_config())],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert process.stderr is not None
+    for line in process.stderr:  # the worker is loading the model
+        if "Loading model" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0

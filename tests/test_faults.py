@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -151,9 +152,22 @@ def test_sighup_reloads_and_refuses_a_bad_config(
         ]
         config.write_text(yaml.safe_dump(data))
         daemon.process.send_signal(signal.SIGHUP)
+        # While the new worker loads its model, the running one goes on tagging.
+        green = save_picture(photo_dir, "green.png", "green", rng)
+        wait_for(lambda: labels_of(db).get(str(green)), 60, "a tag during the reload")
+        assert labels_of(db)[str(green)] == ["green"], daemon.log
         wait_for(lambda: "Reloaded the config" in daemon.log, 120, "the reload")
         blue = save_picture(photo_dir, "blue.png", "blue", rng)
         wait_for(lambda: labels_of(db).get(str(blue)) == ["is-blue"], 60, "a tag after reload")
+
+        # log_level takes effect on reload: no more info lines.
+        data["log_level"] = "warning"
+        config.write_text(yaml.safe_dump(data))
+        daemon.process.send_signal(signal.SIGHUP)
+        yellow = save_picture(photo_dir, "yellow.png", "yellow", rng)
+        wait_for(lambda: labels_of(db).get(str(yellow)), 60, "a tag after the quiet reload")
+        time.sleep(0.5)
+        assert daemon.log.count("Reloaded the config") == 1, daemon.log
         assert daemon.stop() == 0
 
 
@@ -326,3 +340,39 @@ def test_writer_sigkilled_mid_transaction_keeps_the_database_sound(tmp_path: Pat
     # The kills landed mid-work: plenty was written between them.
     (done,) = rows(db, "SELECT count(*) FROM photos WHERE status != 'pending'")[0]
     assert int(done) > KILLS * 16  # type: ignore[call-overload]
+
+
+class CutShortWorker:
+    """Every photo reads as cut short (still arriving): a failure that may pass."""
+
+    def __init__(self) -> None:
+        self.submitted: list[Job] = []
+
+    def submit(self, job: Job) -> None:
+        self.submitted.append(job)
+
+    def outcomes(self, timeout: float) -> list[Outcome]:
+        batch, self.submitted = self.submitted, []
+        return [Outcome(job, error="cut short", retry=True) for job in batch]
+
+
+def test_the_last_attempt_is_not_announced_as_a_retry(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'tags.db'}")
+    store.migrate()
+    store.enqueue([FileStat("/p/a.jpg", 1, 1.0)])
+    pipeline = Pipeline(store, CutShortWorker(), model_id="m", batch_size=4, max_attempts=2)
+    caplog.set_level(logging.INFO, logger="cliptagd")
+    pipeline.step(timeout=0.01)
+    assert "Will retry /p/a.jpg: cut short" in caplog.text
+    caplog.clear()
+    store.engine.dispose()
+    with store._writer.begin() as conn:  # the retry is due now rather than in 5 s
+        conn.exec_driver_sql("UPDATE photos SET retry_at = NULL")
+    pipeline.look_for_work()
+    pipeline.step(timeout=0.01)
+    assert store.counts()["failed"] == 1
+    assert "Skipping /p/a.jpg: cut short" in caplog.text
+    assert "Will retry" not in caplog.text
+    store.close()

@@ -43,7 +43,7 @@ def tag_into(store: Store, tagger: ClipTagger, pixels: torch.Tensor) -> list[str
         Outcome(job, tags, embedding=vector)
         for job, (tags, vector) in zip(jobs, results, strict=True)
     ]
-    assert store.save_results(outcomes, tagger.model_id, 3) == len(paths)
+    assert store.save_results(outcomes, tagger.model_id, 3).written == len(paths)
     return paths
 
 

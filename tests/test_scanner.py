@@ -11,6 +11,7 @@ import pytest
 from cliptagd.config import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS
 from cliptagd.jobs import FileStat
 from cliptagd.scanner import PathFilter, walk
+from tests.conftest import file_modes_enforced
 
 
 @pytest.fixture
@@ -18,21 +19,6 @@ def root(tmp_path: Path) -> Path:
     folder = tmp_path / "photos"
     folder.mkdir()
     return folder
-
-
-def permissions_apply(folder: Path) -> bool:
-    """False for root (unless it dropped CAP_DAC_OVERRIDE): it reads folders whatever their mode."""
-    probe = folder / "probe"
-    probe.mkdir()
-    probe.chmod(0)
-    try:
-        os.listdir(probe)
-    except PermissionError:
-        return True
-    finally:
-        probe.chmod(0o700)
-        probe.rmdir()
-    return False
 
 
 def make_filter(*roots: Path) -> PathFilter:
@@ -215,13 +201,12 @@ def test_walk_skips_a_dangling_symlink(root: Path) -> None:
 def test_walk_skips_an_unreadable_folder(
     tmp_path: Path, root: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    if not permissions_apply(tmp_path):
-        pytest.skip("running as root: permissions are not enforced")
     touch(root / "locked" / "secret.jpg")
     photos = [touch(root / "a.jpg"), touch(root / "open" / "b.jpg")]
     (root / "locked").chmod(0)
     try:
-        found = walked(root, make_filter(root))
+        with file_modes_enforced():
+            found = walked(root, make_filter(root))
     finally:
         (root / "locked").chmod(0o755)
 

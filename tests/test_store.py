@@ -63,10 +63,12 @@ def test_save_results_replaces_tags_and_drops_stale_outcomes(store: Store) -> No
     (job,) = store.claim(1)
     # The file changes while the worker has it: the outcome is for the old content.
     store.enqueue([FileStat("/p/a.jpg", 12, 2.0)])
-    assert store.save_results([tagged(job, ("s", "old", 0.9))], "m", 3) == 0
+    assert store.save_results([tagged(job, ("s", "old", 0.9))], "m", 3).written == 0
     assert store.tags_for(["/p/a.jpg"]) == []
     (job,) = store.claim(1)
-    assert store.save_results([tagged(job, ("s", "new", 0.8), ("t", "x", 0.6))], "m", 3) == 1
+    assert (
+        store.save_results([tagged(job, ("s", "new", 0.8), ("t", "x", 0.6))], "m", 3).written == 1
+    )
     assert [(r.label_set, r.label) for r in store.tags_for(["/p/a.jpg"])] == [
         ("s", "new"),
         ("t", "x"),
@@ -139,7 +141,7 @@ def tag_file(store: Store, path: Path, label: str = "x") -> int:
     store.enqueue([FileStat.of(path)])
     (job,) = store.claim_ids([j.photo_id for j in store.claim(100) if j.path == str(path)], 1)
     outcome = Outcome(job, tags=(TagScore("s", label, 0.9),), fingerprint=fingerprint(path))
-    assert store.save_results([outcome], "m", 3) == 1
+    assert store.save_results([outcome], "m", 3).written == 1
     return job.photo_id
 
 
@@ -440,3 +442,100 @@ def test_label_counts_follow_every_change(store: Store, tmp_path: Path) -> None:
     assert [(c.label_set, c.label, c.count) for c in store.labels()] == [
         ("s", "w", 1), ("s", "z", 1)
     ]  # fmt: skip
+
+
+# -- what a new user hit ---------------------------------------------------------------------
+
+
+def test_a_file_name_that_is_not_utf8_is_queued_tagged_and_found(store: Store) -> None:
+    raw = os.fsdecode(b"/p/caf\xe9.jpg")  # as os.listdir and watchdog give it
+    assert store.enqueue([FileStat(raw, 10, 1.0)]) == 1
+    (job,) = store.claim(1)
+    assert job.path == raw  # the name open() takes
+    store.save_results([tagged(job, ("s", "red", 0.9))], "m", 3)
+    assert [row.path for row in store.query("red")] == [raw]
+    assert [row.label for row in store.tags_for([raw])] == ["red"]
+    assert store.move(raw, os.fsdecode(b"/q/caf\xe9.jpg")) == 1
+    assert [row.path for row in store.query("red")] == [os.fsdecode(b"/q/caf\xe9.jpg")]
+    db = sqlite3.connect(store.file)  # type: ignore[arg-type]
+    assert db.execute("SELECT path, raw_path FROM photos").fetchall() == [
+        ("/q/caf\\xe9.jpg", b"/q/caf\xe9.jpg")
+    ]
+
+
+def test_reads_need_no_write_lock_and_writes_wait_out_a_long_lock(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'tags.db'}"
+    store = Store(url, busy_timeout=0.2)
+    store.migrate()
+    store.enqueue([FileStat("/p/a.jpg", 10, 1.0)])
+    # Another SQLite client holds the write lock (a GUI editor's open transaction) for
+    # much longer than the busy timeout.
+    other = sqlite3.connect(tmp_path / "tags.db", isolation_level=None, check_same_thread=False)
+    other.execute("BEGIN IMMEDIATE")
+    assert [job.path for job in store.claim(5)] == ["/p/a.jpg"]  # reading: no waiting
+    release = threading.Timer(1.5, lambda: other.execute("COMMIT"))
+    release.start()
+    try:
+        assert store.enqueue([FileStat("/p/b.jpg", 10, 1.0)]) == 1  # waits, then writes
+    finally:
+        release.join()
+        other.close()
+    assert store.counts()["pending"] == 2
+    store.close()
+
+
+def test_failed_photos_are_retried_when_what_they_failed_under_changes(store: Store) -> None:
+    store.enqueue([FileStat("/p/big.jpg", 10, 1.0), FileStat("/q/bad.jpg", 10, 1.0)])
+    jobs = store.claim(2)
+    store.save_results([Outcome(job, error="too big") for job in jobs], "m", 3, "limits-1")
+    assert store.counts()["failed"] == 2
+    assert store.retry_failed("limits-1") == 0  # nothing changed: nothing to gain
+    assert store.retry_failed("limits-2", under=["/p"]) == 1
+    assert [job.path for job in store.claim(5)] == ["/p/big.jpg"]
+    assert store.retry_failed() == 1  # --retry-failed: every one
+
+
+def test_a_set_tagged_by_an_older_config_can_always_be_removed(store: Store) -> None:
+    store.enqueue([FileStat("/p/a.jpg", 10, 1.0)])
+    (job,) = store.claim(1)
+    # A daemon still on an old config tags with "warm" after a retag forgot that set.
+    store.save_results([tagged(job, ("warm", "red", 0.9), ("hot", "red", 0.8))], "m", 3)
+    store.set_label_set_digest("hot", "d")
+    assert store.tagged_label_sets() == {"warm", "hot"}
+    store.forget_label_sets(["warm"])
+    assert store.tagged_label_sets() == {"hot"}
+    assert [(c.label_set, c.label) for c in store.labels()] == [("hot", "red")]
+
+
+def test_readers_need_no_write_access_once_the_writer_closed(tmp_path: Path) -> None:
+    store = Store(f"sqlite:///{tmp_path / 'tags.db'}")
+    store.migrate()
+    store.enqueue([FileStat("/p/a.jpg", 10, 1.0)])
+    store.close()
+    # A clean stop leaves a database any reader of the file can read (no -wal/-shm needed).
+    assert not (tmp_path / "tags.db-wal").exists()
+    reader = Store(f"sqlite:///{tmp_path / 'tags.db'}", readonly=True)
+    assert reader.counts()["pending"] == 1
+    with pytest.raises(Exception, match="readonly"):
+        reader.enqueue([FileStat("/p/b.jpg", 10, 1.0)])
+    reader.close()
+    # And the next writer is back in WAL mode.
+    writer = Store(f"sqlite:///{tmp_path / 'tags.db'}")
+    writer.counts()
+    assert (
+        sqlite3.connect(tmp_path / "tags.db").execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    )
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "where", ["/proc/cliptagd/tags.db", "{tmp}/file/tags.db"], ids=["proc", "parent-is-a-file"]
+)
+def test_a_database_location_that_cannot_be_written_is_one_sentence(
+    tmp_path: Path, where: str
+) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(
+        StoreError, match=r"^Cannot create the database .*: .*\. Point database.url"
+    ):
+        Store("sqlite:///" + where.format(tmp=tmp_path))

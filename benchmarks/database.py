@@ -32,7 +32,7 @@ import numpy as np
 sys.path[:0] = [str(Path(__file__).parent.parent)]
 
 from cliptagd.config import LabelSetConfig, ModelConfig  # noqa: E402
-from cliptagd.store import Store, TagQuery  # noqa: E402
+from cliptagd.store import Reader, Store, TagQuery  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 WIDTH = 512  # ViT-B-32's embedding width
@@ -44,9 +44,7 @@ def build(path: Path, photos: int, model_id: str, seed: int = 0) -> None:
     """A tagged database of `photos` photos x 5 tags, with their embeddings."""
     if path.exists():
         return
-    store = Store(f"sqlite:///{path}")
-    store.migrate()
-    store.close()
+    Store.open(f"sqlite:///{path}").close()
     rng = np.random.default_rng(seed)
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA synchronous = OFF")
@@ -58,9 +56,11 @@ def build(path: Path, photos: int, model_id: str, seed: int = 0) -> None:
         conn.executemany(
             "INSERT INTO photos (id, path, size, mtime, status, attempts, queued_at, tagged_at)"
             " VALUES (?, ?, ?, ?, 'tagged', 0, '2026-01-01', '2026-01-01')",
-            ((i, f"/photos/{i // 1000:04}/{i:07}.jpg", 3_000_000, float(m))
-             for i, m in zip(ids, mtimes, strict=True)),
-        )  # fmt: skip
+            (
+                (i, f"/photos/{i // 1000:04}/{i:07}.jpg", 3_000_000, float(m))
+                for i, m in zip(ids, mtimes, strict=True)
+            ),
+        )
         vectors = rng.standard_normal((n, WIDTH), dtype=np.float32)
         vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
         vectors16 = vectors.astype(np.float16)
@@ -107,10 +107,13 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "python": platform.python_version()},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": os.cpu_count(),
+            "python": platform.python_version(),
+        },
         "photos": args.photos,
-    }  # fmt: skip
+    }
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"{datetime.now(UTC):%Y%m%d-%H%M%S}-database.json"
 
@@ -157,7 +160,7 @@ def main() -> int:
         assert tagger is not None
         from cliptagd.search import nearest
 
-        store = Store(f"sqlite:///{path}", readonly=True)
+        store = Reader(f"sqlite:///{path}")
         query = tagger.encode_text("a dog running on the beach")
         index = args.work / f"index-{args.photos}"
         shutil.rmtree(index, ignore_errors=True)
@@ -174,7 +177,7 @@ def main() -> int:
         store.close()
 
     if "queries" in parts:
-        store = Store(f"sqlite:///{path}", readonly=True)
+        store = Reader(f"sqlite:///{path}")
         one = TagQuery(tags=("scene-7",), limit=1000)
         two = TagQuery(tags=("scene-7", "things-42"))
         store.query(one)

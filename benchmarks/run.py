@@ -34,6 +34,8 @@ from typing import Any
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parent.parent)]
 import photos  # noqa: E402
 
+from tests.helpers import rss_of  # noqa: E402
+
 LABELS = ["beach", "mountain", "city", "forest", "desert", "snow", "lake", "room"]
 TEMPLATE = "a photo of a {}."
 RESULTS = Path(__file__).parent / "results"
@@ -238,15 +240,7 @@ class RunningDaemon:
         children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
         if children.exists():
             pids += [int(p) for p in children.read_text().split()]
-        total = 0
-        for pid in pids:
-            try:
-                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            except OSError:
-                pass
-        return total
+        return rss_of(pids)
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()

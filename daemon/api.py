@@ -1,55 +1,330 @@
-"""The Python API: open the tag database read-only and run the queries the CLI runs.
+"""The Python API: everything the command line does, as functions and small types.
 
-    from cliptagd.api import TagQuery, open_database
+    from cliptagd import api
 
-    with open_database("~/.config/cliptagd/config.yaml") as db:
-        for row in db.query(TagQuery(tags=("beach",), not_tags=("night",), limit=10)):
-            print(row.path, row.label, row.score)
-        print(db.labels())                      # [LabelCount(label_set, label, count), ...]
-        print(db.tags_for(["/photos/a.jpg"]))   # [TagRow(path, label_set, label, score), ...]
-        print(similar(db, "/photos/a.jpg"))     # [Match(path, score), ...]
+    config = api.read_config("~/.config/cliptagd/config.yaml")  # or None: found as the CLI does
+    with api.open_database(config) as db:  # read-only; or open_database(url=...)
+        for row in api.query(db, api.TagQuery(tags=("beach",), not_tags=("night",)), config):
+            print(row.path, row.label, row.score)  # TagRow(path, label_set, label, score)
+        print(db.labels())  # [LabelCount(label_set, label, count), ...]
+        print(api.tags_of(db, ["/photos/a.jpg"]).rows)
+        print(api.status(db).counts)  # {Status.PENDING: 0, Status.TAGGED: 1234, ...}
+        print(api.similar(db, "/photos/a.jpg"))  # [Match(path, score), ...]
+        tagger = api.load_tagger(config)  # the model: seconds, not milliseconds
+        print(api.search_text(db, tagger, "a dog running on the beach"))
+        print(api.all_scores(db, tagger, ["/photos/a.jpg"]).rows)
 
-Nothing here imports torch: it answers at once. Text search needs the model, see
-`cliptagd search` (cliptagd.cli) for how it is loaded.
+Which calls import torch: `import cliptagd.api` imports neither torch nor open_clip, and
+neither do `read_config`, `open_database`, `open_for_writing`, `query`, `check_names`,
+`check_label_sets`, `tags_of` and `status`, so queries answer at once. `similar` and
+`search_text` import torch (the search multiplies the embeddings with it); `load_tagger`,
+`fetch_model`, `all_scores`, `search_text` and `retag` need a loaded model, so torch and
+open_clip. The names `Match`, `ClipTagger` and `ModelLoadError` are imported from their
+modules (and torch with them) when first asked for.
+
+Errors are named exceptions: ConfigError, StoreError (UnsupportedDatabase, NoEmbedding),
+UnknownName and ModelLoadError; `cliptagd` (cli.py) turns each into one sentence.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import os
+from collections.abc import Callable, Collection, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .config import find_config, load_config
-from .store import LabelCount, Store, StoreError, TagQuery, TagRow
+from .config import Config, ConfigError, find_config, load_config
+from .lock import check_owner
+from .models import VISIBLE, Status
+from .paths import display, normalise, normalise_folder
+from .retag import RetagReport
+from .retag import retag as _retag
+from .store import (
+    LabelCount,
+    PhotoState,
+    Reader,
+    RetagState,
+    Store,
+    StoreError,
+    TagQuery,
+    TagRow,
+    UnsupportedDatabase,
+)
 
-if TYPE_CHECKING:
-    from .search import Match
+if TYPE_CHECKING:  # at run time, see __getattr__
+    from .search import Match as Match
+    from .tagger import ClipTagger as ClipTagger
+    from .tagger import ModelLoadError as ModelLoadError
 
+# Not Match, ClipTagger and ModelLoadError: `from cliptagd.api import *` stays without torch.
 __all__ = [
-    "LabelCount", "Store", "StoreError", "TagQuery", "TagRow", "open_database", "similar",
+    "Config", "ConfigError", "FetchedModel", "LabelCount", "NoEmbedding", "PhotoState",
+    "PhotoTags", "Reader", "RetagReport", "Status", "StatusReport", "Store", "StoreError",
+    "TagQuery", "TagRow", "UnknownName", "UnsupportedDatabase", "all_scores",
+    "check_label_sets", "check_names", "fetch_model", "load_tagger", "open_database",
+    "open_for_writing", "query", "read_config", "retag", "search_index_dir", "search_text",
+    "similar", "status", "tags_of",
 ]  # fmt: skip
 
+# The names whose modules import torch: imported when first asked for (PEP 562).
+_LAZY = {"Match": ".search", "ClipTagger": ".tagger", "ModelLoadError": ".tagger"}
 
-def open_database(config: str | Path | None = None, *, url: str | None = None) -> Store:
-    """The tag database of a config file (found as the CLI finds it when None), or at a
-    SQLAlchemy `url`, opened read-only. Raises ConfigError or StoreError."""
-    if url is None:
-        url = load_config(find_config(Path(config).expanduser() if config else None)).database.url
-    store = Store(url, readonly=True)
-    store.check_schema()
-    return store
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __package__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+class UnknownName(ValueError):
+    """A label or label set that no label set has (a typo, another case): it would match
+    nothing in silence. The message names the closest names."""
+
+
+class NoEmbedding(StoreError):
+    """A photo with no stored embedding: not in the database, or not tagged yet."""
+
+
+@dataclass(frozen=True, slots=True)
+class PhotoTags:
+    """The tags of the photos asked for, and what the database knows of each."""
+
+    paths: list[str]  # the photos asked for, as the database keys them, in the order asked
+    rows: list[TagRow]
+    states: dict[str, PhotoState]  # by path; a photo the database does not know is absent
+    # all_scores only: shown photos with no embedding by the tagger's model yet.
+    no_embedding: list[str] = dataclasses.field(default_factory=list)
+
+    @property
+    def unknown(self) -> list[str]:
+        """The photos asked for that are not in the database."""
+        return [path for path in self.paths if path not in self.states]
+
+
+@dataclass(frozen=True, slots=True)
+class StatusReport:
+    counts: dict[Status, int]  # every status, zero or not
+    failures: list[PhotoState]  # the latest first
+    last_retag: RetagState | None  # the daemon's last re-tag from stored embeddings
+
+
+@dataclass(frozen=True, slots=True)
+class FetchedModel:
+    model_id: str
+    saved: Path | None  # the local-dir: folder it was saved to, when asked
+
+
+# -- config and database -----------------------------------------------------------------------
+
+
+def read_config(path: str | os.PathLike[str] | None = None) -> Config:
+    """The config at `path`, else $CLIPTAGD_CONFIG, else the default locations, validated.
+    Raises ConfigError."""
+    return load_config(find_config(Path(path).expanduser() if path else None))
+
+
+def _url(config: str | os.PathLike[str] | Config | None, url: str | None) -> str:
+    if url is not None:
+        return url
+    if not isinstance(config, Config):
+        config = read_config(config)
+    return config.database.url
+
+
+def open_database(
+    config: str | os.PathLike[str] | Config | None = None, *, url: str | None = None
+) -> Reader:
+    """The tag database of a config (a Config, or a file found as the CLI finds it when None),
+    or at a SQLAlchemy `url`, opened read-only. Raises ConfigError or StoreError."""
+    return Reader.open(_url(config, url))
+
+
+def open_for_writing(
+    config: str | os.PathLike[str] | Config | None = None,
+    *,
+    url: str | None = None,
+    command: str = "retag",
+) -> Store:
+    """The tag database, created or migrated, opened to write: refused (StoreError) to root
+    when another user (the service) owns it; `command` names what to run as that user."""
+    url = _url(config, url)
+    check_owner(url, command)
+    return Store.open(url)
+
+
+# -- queries -----------------------------------------------------------------------------------
+
+
+def check_names(
+    config: Config, store: Reader, labels: Iterable[str] = (), label_set: str | None = None
+) -> None:
+    """Raise UnknownName, with the closest names, for a label or set that neither the
+    config's label sets nor the database has: it would match nothing in silence."""
+    counts = store.labels()
+    sets = {*config.label_sets, *(row.label_set for row in counts)}
+    known = {row.label for row in counts}
+    for spec in config.label_sets.values():
+        known.update(spec.label_names)
+    problems = []
+    if label_set is not None and label_set not in sets:
+        problems.append(f"no label set named {label_set!r}{_did_you_mean(label_set, sets)}")
+    for label in dict.fromkeys(labels):
+        if label not in known:
+            problems.append(f"no label {label!r} in any label set{_did_you_mean(label, known)}")
+    if problems:
+        raise UnknownName("; ".join(problems))
+
+
+def _did_you_mean(word: str, names: Collection[str]) -> str:
+    by_folded = {name.casefold(): name for name in names}
+    close = difflib.get_close_matches(word.casefold(), list(by_folded), n=3, cutoff=0.6)
+    return f" (did you mean {', '.join(repr(by_folded[c]) for c in close)}?)" if close else ""
+
+
+def query(store: Reader, q: TagQuery, config: Config | None = None) -> list[TagRow]:
+    """The photos matching `q`, one row per asked tag they carry (`q.under` is taken as the
+    watched folders are, symlinks resolved). With `config`, the names are checked first
+    (see `check_names`)."""
+    if config is not None:
+        check_names(config, store, [*q.tags, *q.any_tags, *q.not_tags], q.label_set)
+    if q.under is not None:
+        q = dataclasses.replace(q, under=normalise_folder(q.under))
+    return store.query(q)
+
+
+def tags_of(store: Reader, photos: Iterable[str | os.PathLike[str]]) -> PhotoTags:
+    """The kept tags of `photos` (paths as given on a command line), best score first."""
+    paths = [normalise(p) for p in photos]
+    return PhotoTags(paths, store.tags_for(paths), store.photos(paths))
+
+
+def all_scores(
+    store: Reader, tagger: ClipTagger, photos: Iterable[str | os.PathLike[str]]
+) -> PhotoTags:
+    """Every label's score in every set, kept or not, from the photos' stored embeddings by
+    the tagger's model: why a tag was or was not given, to choose a threshold."""
+    paths = [normalise(p) for p in photos]
+    states = store.photos(paths)
+    stored = store.embeddings_of(paths, tagger.model_id)
+    rows: list[TagRow] = []
+    no_embedding = []
+    for path in paths:
+        if path not in stored:
+            if path in states and states[path].status in VISIBLE:
+                no_embedding.append(path)
+            continue
+        for set_name, scores in tagger.all_scores(stored[path]).items():
+            rows += [TagRow(path, set_name, label, score) for label, score in scores.items()]
+    return PhotoTags(paths, rows, states, no_embedding)
+
+
+def status(store: Reader, failures: int = 20) -> StatusReport:
+    """How many photos are in each status, and the latest `failures` with their reasons."""
+    counts = store.counts()
+    return StatusReport(
+        {s: counts.get(s.value, 0) for s in Status}, store.failures(failures), store.last_retag()
+    )
+
+
+# -- search ------------------------------------------------------------------------------------
+
+
+def search_index_dir(config: Config) -> Path:
+    """Where the search keeps its copy of the embeddings, for the config's database."""
+    return config.cache_path / "search"
 
 
 def similar(
-    store: Store, path: str | Path, limit: int = 20, index_dir: Path | None = None
+    store: Reader,
+    photo: str | os.PathLike[str],
+    limit: int = 20,
+    *,
+    min_score: float | None = None,
+    index_dir: Path | None = None,
 ) -> list[Match]:
-    """The photos that look most like the photo at `path` (itself left out), best first.
-    `index_dir`: a folder to keep the search index in (much faster from the second search);
-    None reads every embedding from the database."""
-    from .search import nearest  # numpy: only for searches
+    """The photos that look most like `photo` (itself left out), best first; NoEmbedding if it
+    has none. `index_dir` (see `search_index_dir`): where to keep the search index, much
+    faster from the second search; None reads every embedding from the database."""
+    from .search import nearest
 
-    key = str(Path(path).expanduser().absolute())
-    found = store.embedding_of(key)
+    path = normalise(photo)
+    found = store.embedding_of(path)
     if found is None:
-        raise StoreError(f"{key}: no stored embedding (not tagged yet?)")
+        raise NoEmbedding(f"{display(path)}: no stored embedding (not tagged yet?)")
     model_id, vector = found
-    return nearest(store, model_id, vector, limit, exclude=key, index_dir=index_dir)
+    return nearest(store, model_id, vector, limit, min_score, path, index_dir)
+
+
+def search_text(
+    store: Reader,
+    tagger: ClipTagger,
+    text: str,
+    limit: int = 20,
+    *,
+    min_score: float | None = None,
+    index_dir: Path | None = None,
+) -> list[Match]:
+    """The photos that match `text` best (cosine similarity of the embeddings), best first."""
+    from .search import nearest
+
+    vector = tagger.encode_text(text)
+    return nearest(store, tagger.model_id, vector, limit, min_score, None, index_dir)
+
+
+# -- the model ---------------------------------------------------------------------------------
+
+
+def load_tagger(config: Config) -> ClipTagger:
+    """The configured model with the config's label sets, loaded (downloaded first if it is
+    not in the config's cache). Raises ModelLoadError."""
+    from .tagger import ClipTagger
+
+    tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
+    tagger.load()
+    return tagger
+
+
+def fetch_model(config: Config, to: str | os.PathLike[str] | None = None) -> FetchedModel:
+    """Download the configured model into the config's cache and embed its label sets, so
+    that a later start needs no network; with `to`, also save it there as a local-dir:
+    folder. Raises ModelLoadError."""
+    tagger = load_tagger(config)
+    saved = None
+    if to is not None:
+        saved = tagger.save_local_dir(Path(to).expanduser().resolve())
+    return FetchedModel(tagger.model_id, saved)
+
+
+def check_label_sets(config: Config, sets: Iterable[str]) -> None:
+    """Raise ConfigError for a name in `sets` that the config has no label set of (before
+    loading the model for `retag`, so that a typo fails at once)."""
+    _check_sets(config.label_sets, sets)
+
+
+def _check_sets(configured: Collection[str], sets: Iterable[str]) -> None:
+    unknown = sorted(set(sets) - set(configured))
+    if unknown:
+        raise ConfigError(f"No label set named {', '.join(unknown)} in the config")
+
+
+def retag(
+    store: Store,
+    tagger: ClipTagger,
+    sets: Collection[str] = (),
+    *,
+    every: bool = False,
+    on_chunk: Callable[[int], object] | None = None,
+) -> RetagReport:
+    """Bring the tags up to date with the tagger's label sets from the stored embeddings (no
+    photo is read): the sets changed since their tags were made, and `sets` (every set with
+    `every`) whether changed or not; sets no longer configured lose their tags. `store`
+    opened with `open_for_writing`; `on_chunk(photos)` after each transaction."""
+    configured = tagger.label_set_configs
+    _check_sets(configured, sets)
+    only = list(configured) if every else (list(sets) or None)
+    return _retag(store, tagger, only, on_chunk=on_chunk)

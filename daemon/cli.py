@@ -1,20 +1,21 @@
 """The command line: `cliptagd run|scan|query|tags|labels|search|retag|status`.
 
-The edge of the program: named errors from below become one clear sentence and an exit code
-here, and nowhere else. The query commands never import torch, so they answer at once.
+The edge of the program: it parses the arguments, calls the library (cliptagd.api; `run` and
+`scan`, the daemon itself, service.py) and prints. Named errors from below become one clear
+sentence and an exit code here, and nowhere else. The query commands never import torch, so
+they answer at once.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
-import difflib
 import io
 import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
@@ -22,10 +23,11 @@ from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import click
 
-from .config import Config, ConfigError, find_config, load_config
+from . import api
+from .config import Config, ConfigError, find_config
 from .models import Status
 from .paths import display, normalise, normalise_folder
-from .store import Store, StoreError, TagQuery, TagRow, UnsupportedDatabase
+from .store import PhotoState, Reader, StoreError, TagQuery, TagRow, UnsupportedDatabase
 
 if TYPE_CHECKING:
     from .tagger import ClipTagger
@@ -103,7 +105,7 @@ def _config_path(config_path: Path | None) -> Path:
 
 def _load(config_path: Path | None) -> Config:
     try:
-        return load_config(_config_path(config_path))
+        return api.read_config(config_path)
     except ConfigError as exc:
         raise Failure(str(exc), EXIT_CONFIG) from None
 
@@ -133,35 +135,17 @@ def _store_failure(exc: StoreError) -> Failure:
 
 
 def _load_tagger(config: Config) -> ClipTagger:
-    from .tagger import ClipTagger, ModelLoadError
-
-    tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
     try:
-        tagger.load()
-    except ModelLoadError as exc:
+        return api.load_tagger(config)
+    except api.ModelLoadError as exc:  # imported with the model, so only then
         raise Failure(str(exc)) from None
-    return tagger
 
 
-def _open_readonly(config: Config) -> Store:
-    from .api import open_database
-
+def _open_readonly(config: Config) -> Reader:
     try:
-        return open_database(url=config.database.url)
+        return api.open_database(config)
     except StoreError as exc:
         raise _store_failure(exc) from None
-
-
-def _open_writer(config: Config, command: str) -> Store:
-    from .lock import check_owner
-
-    try:
-        check_owner(config.database.url, command)
-        store = Store(config.database.url)
-        store.migrate()
-    except StoreError as exc:
-        raise _store_failure(exc) from None
-    return store
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -270,17 +254,13 @@ def fetch_model(config_path: Path | None, folder: Path | None) -> None:
     """
     config = _load(config_path)
     _setup_logging(config)
-    from .tagger import ClipTagger, ModelLoadError
-
-    tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
     try:
-        tagger.load()
-        if folder is not None:
-            saved = tagger.save_local_dir(folder.expanduser().resolve())
-            click.echo(f"Saved; use it with  model: {{name: 'local-dir:{saved}'}}")
-    except ModelLoadError as exc:
+        fetched = api.fetch_model(config, folder)
+    except api.ModelLoadError as exc:
         raise Failure(str(exc)) from None
-    click.echo(f"Model {tagger.model_id} is ready.")
+    if fetched.saved is not None:
+        click.echo(f"Saved; use it with  model: {{name: 'local-dir:{fetched.saved}'}}")
+    click.echo(f"Model {fetched.model_id} is ready.")
 
 
 DATE = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
@@ -333,42 +313,19 @@ def query(
     """
     config = _load(config_path)
     store = _open_readonly(config)
-    _check_names(config, store, [*tags_, *any_tag, *not_tag], label_set)
     q = TagQuery(
         tags=tags_, any_tags=any_tag, not_tags=not_tag, label_set=label_set,
         min_score=min_score,
-        under=normalise_folder(under) if under else None,
+        under=str(under) if under else None,
         since=since.timestamp() if since else None,
         until=until.timestamp() if until else None,
         limit=limit, sort=sort,
     )  # fmt: skip
-    _print_tags(store.query(q), fmt, print0)
-
-
-def _check_names(
-    config: Config, store: Store, labels: Sequence[str], label_set: str | None
-) -> None:
-    """A label or set no label set knows (a typo, another case) would match nothing in
-    silence: say so, with the closest names."""
-    counts = store.labels()
-    sets = {*config.label_sets, *(row.label_set for row in counts)}
-    known = {row.label for row in counts}
-    for spec in config.label_sets.values():
-        known.update(spec.label_names)
-    problems = []
-    if label_set is not None and label_set not in sets:
-        problems.append(f"no label set named {label_set!r}{_did_you_mean(label_set, sets)}")
-    for label in dict.fromkeys(labels):
-        if label not in known:
-            problems.append(f"no label {label!r} in any label set{_did_you_mean(label, known)}")
-    if problems:
-        raise Failure("; ".join(problems))
-
-
-def _did_you_mean(word: str, names: Collection[str]) -> str:
-    by_folded = {name.casefold(): name for name in names}
-    close = difflib.get_close_matches(word.casefold(), list(by_folded), n=3, cutoff=0.6)
-    return f" (did you mean {', '.join(repr(by_folded[c]) for c in close)}?)" if close else ""
+    try:
+        rows = api.query(store, q, config)
+    except api.UnknownName as exc:
+        raise Failure(str(exc)) from None
+    _print_tags(rows, fmt, print0)
 
 
 @cli.command()
@@ -395,35 +352,31 @@ def tags(
     """
     config = _load(config_path)
     store = _open_readonly(config)
-    paths = [normalise(p) for p in photos]
-    known = store.photos(paths)
-    unknown = 0
-    for path in paths:
-        state = known.get(path)
-        if state is None:
-            click.echo(f"cliptagd: {display(path)}: not in the database", err=True)
-            unknown += 1
-        elif state.status == Status.FAILED:
-            click.echo(f"cliptagd: {display(path)}: failed ({state.error})", err=True)
-        elif state.status == Status.PENDING:
-            click.echo(f"cliptagd: {display(path)}: not tagged yet", err=True)
-        elif state.status == Status.DELETED:
-            click.echo(f"cliptagd: {display(path)}: deleted", err=True)
-    if not every:
-        _print_tags(store.tags_for(paths), fmt, print0)
-        sys.exit(EXIT_ERROR if unknown else EXIT_OK)
-    tagger = _load_tagger(config)
-    stored = store.embeddings_of(paths, tagger.model_id)
-    rows = []
-    for path in paths:
-        if path not in stored:
-            if path in known and known[path].status in (Status.TAGGED, Status.STALE):
-                click.echo(f"cliptagd: {display(path)}: no embedding by this model yet", err=True)
-            continue
-        for set_name, scores in tagger.all_scores(stored[path]).items():
-            rows += [TagRow(path, set_name, label, score) for label, score in scores.items()]
-    _print_tags(rows, fmt, print0)
-    sys.exit(EXIT_ERROR if unknown else EXIT_OK)
+    found = api.tags_of(store, photos)
+    for path in found.paths:
+        note = _untagged_note(found.states.get(path))
+        if note is not None:
+            click.echo(f"cliptagd: {display(path)}: {note}", err=True)
+    if every:  # the notes above come before the seconds the model takes to load
+        found = api.all_scores(store, _load_tagger(config), photos)
+        for path in found.no_embedding:
+            click.echo(f"cliptagd: {display(path)}: no embedding by this model yet", err=True)
+    _print_tags(found.rows, fmt, print0)
+    sys.exit(EXIT_ERROR if found.unknown else EXIT_OK)
+
+
+def _untagged_note(state: PhotoState | None) -> str | None:
+    """Why a photo shows no tags, if it is not simply tagged."""
+    if state is None:
+        return "not in the database"
+    match state.status:
+        case Status.FAILED:
+            return f"failed ({state.error})"
+        case Status.PENDING:
+            return "not tagged yet"
+        case Status.DELETED:
+            return "deleted"
+    return None
 
 
 @cli.command()
@@ -458,23 +411,18 @@ def search(
     """
     if (text is None) == (like is None):
         raise click.UsageError("Give a TEXT to search for, or --like PHOTO (one of them).")
-    from .search import nearest
-
     config = _load(config_path)
     store = _open_readonly(config)
-    exclude = None
+    index = api.search_index_dir(config)
     if like is not None:
-        exclude = normalise(like)
-        found = store.embedding_of(exclude)
-        if found is None:
-            raise Failure(f"{display(exclude)}: no stored embedding (not tagged yet?)")
-        model_id, vector = found
+        try:
+            matches = api.similar(store, like, limit, min_score=min_score, index_dir=index)
+        except api.NoEmbedding as exc:
+            raise Failure(str(exc)) from None
     else:
-        assert text is not None
+        assert text is not None  # one of the two, checked above
         tagger = _load_tagger(config)
-        model_id, vector = tagger.model_id, tagger.encode_text(text)
-    index = config.cache_path / "search"
-    matches = nearest(store, model_id, vector, limit, min_score, exclude, index)
+        matches = api.search_text(store, tagger, text, limit, min_score=min_score, index_dir=index)
     records = [{"path": m.path, "score": round(m.score, 4)} for m in matches]
     _print(records, ["path", "score"], fmt, print0)
 
@@ -498,23 +446,20 @@ def retag(config_path: Path | None, sets: tuple[str, ...], every: bool, no_progr
     """
     from tqdm import tqdm
 
-    from .retag import retag as retag_sets
-
     config = _load(config_path)
     _setup_logging(config)
-    unknown = sorted(set(sets) - set(config.label_sets))
-    if unknown:
-        raise Failure(f"No label set named {', '.join(unknown)} in the config", EXIT_CONFIG)
-    store = _open_writer(config, "retag")
-    tagger = _load_tagger(config)
-    only = list(config.label_sets) if every else (list(sets) or None)
-    with tqdm(desc="Re-tagging", unit="photo", disable=True if no_progress else None) as bar:
-        report = retag_sets(store, tagger, only, on_chunk=bar.update)
-    store.close()
-    click.echo(
-        f"Re-tagged {report.photos} photo(s) for {', '.join(report.changed) or 'no set'}"
-        + (f"; removed {', '.join(report.removed)}" if report.removed else "")
-    )
+    try:
+        api.check_label_sets(config, sets)  # before the model loads: a typo fails at once
+        store = api.open_for_writing(config, command="retag")
+    except ConfigError as exc:
+        raise Failure(str(exc), EXIT_CONFIG) from None
+    except StoreError as exc:
+        raise _store_failure(exc) from None
+    with store:
+        tagger = _load_tagger(config)
+        with tqdm(desc="Re-tagging", unit="photo", disable=no_progress or None) as bar:
+            report = api.retag(store, tagger, sets, every=every, on_chunk=bar.update)
+    click.echo(report.summary)
 
 
 @cli.command()
@@ -551,7 +496,8 @@ def status(config_path: Path | None, fmt: str) -> None:
 
     stale: tagged by a previous model, being encoded again by the new one (still in the
     queries meanwhile). deleted: the file is gone; the photo is out of every query, and kept
-    30 days in case it reappears elsewhere.
+    30 days in case it reappears elsewhere. Also: how the last re-tag from stored embeddings
+    (the daemon's at start or reload, or `cliptagd retag`'s) ended.
 
     \b
     Example:
@@ -559,19 +505,28 @@ def status(config_path: Path | None, fmt: str) -> None:
     """
     config = _load(config_path)
     store = _open_readonly(config)
-    counts = store.counts()
-    failures = store.failures()
+    report = api.status(store)
     if fmt == "json":
-        body = {**counts, "failures": [_with_raw_path(asdict(f)) for f in failures]}
+        body: dict[str, Any] = {s.value: n for s, n in report.counts.items()}
+        body["failures"] = [_with_raw_path(asdict(f)) for f in report.failures]
+        last = report.last_retag
+        body["last_retag"] = (
+            {"finished_at": f"{last.finished_at.isoformat()}Z", "ok": last.ok,
+             "message": last.message}
+            if last else None
+        )  # fmt: skip
         click.echo(json.dumps(body, indent=2))
         return
-    for key in ("pending", "tagged", "stale", "failed", "deleted"):
-        if key == "stale" and not counts[key]:
+    for key in (Status.PENDING, Status.TAGGED, Status.STALE, Status.FAILED, Status.DELETED):
+        if key == Status.STALE and not report.counts[key]:
             continue  # only while a new model re-encodes
-        click.echo(f"{key:>8}: {counts[key]}")
-    if failures:
+        click.echo(f"{key:>8}: {report.counts[key]}")
+    if report.last_retag is not None:
+        last = report.last_retag
+        click.echo(f"\nLast re-tag ({last.finished_at:%Y-%m-%d %H:%M:%S} UTC): {last.message}")
+    if report.failures:
         click.echo("\nLatest failures:")
-        for failure in failures:
+        for failure in report.failures:
             click.echo(f"  {display(failure.path)}: {failure.error}")
 
 

@@ -22,6 +22,10 @@ from .paths import normalise_folder
 
 ENV_VAR = "CLIPTAGD_CONFIG"
 
+# model.name prefixes that open_clip knows: a model folder on disk, a Hugging Face repository.
+LOCAL_DIR = "local-dir:"
+HF_HUB = "hf-hub:"
+
 # Where the config is looked for when neither -c nor $CLIPTAGD_CONFIG names one, in order.
 DEFAULT_LOCATIONS = (
     Path("~/.config/cliptagd/config.yaml"),
@@ -501,7 +505,7 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         if rest and rest != ":memory:" and not rest.startswith("file:"):
             update["database"] = DatabaseConfig(url=prefix + str(resolve(Path(rest))))
     name = config.model.name
-    if name.startswith("local-dir:"):
-        local = resolve(Path(name[len("local-dir:") :]))
-        update["model"] = config.model.model_copy(update={"name": f"local-dir:{local}"})
+    if name.startswith(LOCAL_DIR):
+        local = resolve(Path(name[len(LOCAL_DIR) :]))
+        update["model"] = config.model.model_copy(update={"name": f"{LOCAL_DIR}{local}"})
     return config.model_copy(update=update)

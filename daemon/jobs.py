@@ -1,7 +1,8 @@
-"""What travels between the pipeline, the worker process and the store.
+"""What travels between the scanner and watcher, the pipeline, the worker process and the store.
 
 Plain frozen dataclasses: they are pickled across the process boundary, so they carry only
-built-in types.
+built-in types. The store takes `FileStat`s and `TagScore`s, and hands out `Job`s; it reads
+an `Outcome` as its own `store.Result`, so it does not depend on what the worker sends.
 """
 
 from __future__ import annotations
@@ -37,7 +38,10 @@ class FileStat:
 
 def fingerprint(path: str | os.PathLike[str]) -> str:
     """A content fingerprint that recognises a photo moved to another path: the size, the
-    first and the last 64 KiB, hashed. Raises OSError if the file cannot be read."""
+    first and the last 64 KiB, hashed. Raises OSError if the file cannot be read.
+
+    The worker records it with each tagged photo; the pipeline hands it to
+    `Store.enqueue`, which reads no files itself."""
     digest = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as file:
         size = os.fstat(file.fileno()).st_size

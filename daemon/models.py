@@ -11,6 +11,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import (
+    Boolean,
     DateTime,
     Float,
     ForeignKey,
@@ -21,7 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Status(StrEnum):
@@ -70,10 +71,6 @@ class Photo(Base):
     # tried again.
     failed_with: Mapped[str | None] = mapped_column(Text, default=None)
 
-    tags: Mapped[list[Tag]] = relationship(
-        back_populates="photo", cascade="all, delete-orphan", passive_deletes=True
-    )
-
     __table_args__ = (Index("ix_photos_status", "status"), Index("ix_photos_size", "size"))
 
 
@@ -81,12 +78,11 @@ class Tag(Base):
     __tablename__ = "tags"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # A photo's tags go with its row (ON DELETE CASCADE; foreign keys are on, see sqlite.py).
     photo_id: Mapped[int] = mapped_column(ForeignKey("photos.id", ondelete="CASCADE"))
     label_set: Mapped[str] = mapped_column(Text)
     label: Mapped[str] = mapped_column(Text)
     score: Mapped[float] = mapped_column(Float)
-
-    photo: Mapped[Photo] = relationship(back_populates="tags")
 
     __table_args__ = (
         UniqueConstraint("photo_id", "label_set", "label", name="uq_tags_photo_set_label"),
@@ -129,3 +125,15 @@ class LabelTotal(Base):
     label_set: Mapped[str] = mapped_column(Text, primary_key=True)
     label: Mapped[str] = mapped_column(Text, primary_key=True)
     count: Mapped[int] = mapped_column(Integer)
+
+
+class Retag(Base):
+    """Each re-tag from stored embeddings, finished or failed, for `cliptagd status`: the
+    daemon's worker runs them at start, out of sight of whoever changed the config."""
+
+    __tablename__ = "retags"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    finished_at: Mapped[datetime] = mapped_column(DateTime)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    message: Mapped[str] = mapped_column(Text)

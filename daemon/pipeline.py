@@ -8,13 +8,14 @@ the rest of the queue, so a crash at any point loses nothing.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from .jobs import FileStat, Job, Outcome
+from .jobs import FileStat, Job, Outcome, fingerprint
 from .paths import display
 from .store import Store
 
@@ -83,18 +84,22 @@ class Pipeline:
         self,
         worker: Engine,
         *,
-        model_id: str,
-        batch_size: int,
-        max_attempts: int,
+        model_id: str | None = None,
+        batch_size: int | None = None,
+        max_attempts: int | None = None,
         failed_with: str | None = None,
     ) -> None:
-        """Hand the jobs to another worker from now on (a reload); the old one's jobs must
-        have been saved or handed back."""
+        """Hand the jobs to another worker from now on (a restart, or a reload with its
+        settings); the old one's jobs must have been saved or handed back."""
         self.worker = worker
-        self.model_id = model_id
-        self.in_flight_limit = 2 * batch_size
-        self.max_attempts = max_attempts
-        self.failed_with = failed_with
+        if model_id is not None:
+            self.model_id = model_id
+        if batch_size is not None:
+            self.in_flight_limit = 2 * batch_size
+        if max_attempts is not None:
+            self.max_attempts = max_attempts
+        if failed_with is not None:
+            self.failed_with = failed_with
         self.look_for_work()
 
     # -- intake (any thread) ----------------------------------------------------------------
@@ -197,7 +202,8 @@ class Pipeline:
                 log.info("Moved %d photo(s) from %s to %s", moved, change.src, change.dest)
 
     def _enqueue(self, stats: list[FileStat]) -> None:
-        queued = self.store.enqueue(stats)
+        # Move detection reads files: the store does no file I/O of its own.
+        queued = self.store.enqueue(stats, fingerprint=fingerprint, exists=os.path.exists)
         if queued:
             self.queued += queued
             self._claim_needed = True

@@ -38,6 +38,11 @@ class RetagReport:
     removed: list[str]
     photos: int
 
+    @property
+    def summary(self) -> str:
+        text = f"Re-tagged {self.photos} photo(s) for {', '.join(self.changed) or 'no set'}"
+        return text + (f"; removed {', '.join(self.removed)}" if self.removed else "")
+
 
 def retag(
     store: Store,
@@ -74,8 +79,8 @@ def retag(
                 on_chunk(len(photo_ids))
         for name in changed:
             store.set_label_set_digest(name, wanted[name])
-        log.info(
-            "Re-tagged %d photo(s) for label set(s) %s from stored embeddings",
-            photos, ", ".join(changed),
-        )  # fmt: skip
-    return RetagReport(changed, removed, photos)
+    report = RetagReport(changed, removed, photos)
+    if changed or removed:
+        log.info("%s", report.summary)
+        store.record_retag(True, report.summary)
+    return report

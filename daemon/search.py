@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .store import Store
+from .store import Reader
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ class VectorIndex:
     """One model's stored embeddings as segment files in its own sub-folder of `root`,
     brought up to date from the database on `open()`."""
 
-    def __init__(self, store: Store, model_id: str, root: Path | None) -> None:
+    def __init__(self, store: Reader, model_id: str, root: Path | None) -> None:
         self.store = store
         self.model_id = model_id
         digest = hashlib.sha256(model_id.encode()).hexdigest()[:16]
@@ -172,7 +172,7 @@ class VectorIndex:
 
 
 def nearest(
-    store: Store,
+    store: Reader,
     model_id: str,
     query: bytes,
     limit: int = 20,

@@ -26,13 +26,11 @@ import torch
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 
-from .config import LabelSetConfig, Mode, ModelConfig
+from .config import HF_HUB, LOCAL_DIR, LabelSetConfig, Mode, ModelConfig
 from .jobs import TagScore
 
 log = logging.getLogger(__name__)
 
-LOCAL_DIR = "local-dir:"
-HF_HUB = "hf-hub:"
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 # Prompts encoded per forward pass when embedding labels: enough to keep the text encoder

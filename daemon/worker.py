@@ -10,6 +10,7 @@ waited `max_wait_seconds`, so a lone photo is tagged at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -334,14 +335,14 @@ class _ModelLoop:
         from .retag import retag
         from .store import Store
 
-        store = Store(url)
         try:
-            store.migrate()  # the daemon may still be at it: the write lock orders the two
-            retag(store, self.tagger)
-        except Exception:  # the photos keep their old tags; new ones are still tagged right
+            # Store.open migrates: the daemon may still be at it, the write lock orders the two.
+            with Store.open(url) as store:
+                retag(store, self.tagger)
+        except Exception as exc:  # the photos keep their old tags; new ones are tagged right
             log.exception("Re-tagging from stored embeddings failed")
-        finally:
-            store.close()
+            with contextlib.suppress(Exception), Store.open(url) as store:
+                store.record_retag(False, f"failed: {type(exc).__name__}: {exc}")
 
     def _idle(self) -> bool:
         with self.pending_lock:

@@ -1,15 +1,14 @@
-"""Fixtures: a tiny trained open_clip model, configs, photos, and a guard against leaks."""
+"""Fixtures: a tiny trained open_clip model, configs, photos, a guard against leaks, and, in
+CI, no silent skips."""
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import multiprocessing
 import os
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,43 @@ import pytest
 import yaml
 
 from tests import tinyclip
+from tests.helpers import ConfigFactory
 
 # Tests never reach a model hub: any attempt fails at once instead of hanging.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# In CI (`CI=true`, as .ci/run sets it) every test must run: a skip there is a failure, except
+# for the tests marked `cuda` on a machine without a CUDA device.
+NO_SKIPS = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+MAY_SKIP = "cuda"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report: pytest.TestReport = outcome.get_result()  # type: ignore[attr-defined]
+    if (
+        NO_SKIPS
+        and report.skipped
+        and not hasattr(report, "wasxfail")
+        and item.get_closest_marker(MAY_SKIP) is None
+    ):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped in CI, where only tests marked `{MAY_SKIP}` may skip: {reason}"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector) -> Iterator[None]:
+    """A whole module skipped at import (`pytest.importorskip`) fails in CI too."""
+    outcome = yield
+    report: pytest.CollectReport = outcome.get_result()  # type: ignore[attr-defined]
+    if NO_SKIPS and report.skipped:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{collector.nodeid} skipped in CI: {reason}"
 
 
 @pytest.fixture(scope="session")
@@ -35,7 +68,27 @@ def photo_dir(tmp_path: Path) -> Path:
     return folder
 
 
-ConfigFactory = Callable[..., Path]
+def write_config(folder: Path, tiny_model: Path, photo_dir: Path, **overrides: Any) -> Path:
+    """A config for the tiny model watching `photo_dir`, its database and cache in `folder`;
+    keyword arguments replace (or, for a mapping, update) the top-level keys."""
+    config: dict[str, Any] = {
+        "watch": {"paths": [str(photo_dir)], "settle_seconds": 0.5},
+        "model": {"name": f"local-dir:{tiny_model}", "device": "cpu"},
+        "database": {"url": f"sqlite:///{folder / 'tags.db'}"},
+        "worker": {"batch_size": 8},
+        "cache_dir": str(folder / "cache"),
+        "label_sets": {
+            "colour": {"templates": [tinyclip.TEMPLATE], "labels": list(tinyclip.COLOURS)}
+        },
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    path = folder / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
 
 
 @pytest.fixture
@@ -43,24 +96,7 @@ def make_config(tmp_path: Path, tiny_model: Path, photo_dir: Path) -> ConfigFact
     """Write a config for the tiny model watching `photo_dir`; keyword arguments override."""
 
     def make(**overrides: Any) -> Path:
-        config: dict[str, Any] = {
-            "watch": {"paths": [str(photo_dir)], "settle_seconds": 0.5},
-            "model": {"name": f"local-dir:{tiny_model}", "device": "cpu"},
-            "database": {"url": f"sqlite:///{tmp_path / 'tags.db'}"},
-            "worker": {"batch_size": 8},
-            "cache_dir": str(tmp_path / "cache"),
-            "label_sets": {
-                "colour": {"templates": [tinyclip.TEMPLATE], "labels": list(tinyclip.COLOURS)}
-            },
-        }
-        for key, value in overrides.items():
-            if isinstance(value, dict) and isinstance(config.get(key), dict):
-                config[key] = {**config[key], **value}
-            else:
-                config[key] = value
-        path = tmp_path / "config.yaml"
-        path.write_text(yaml.safe_dump(config))
-        return path
+        return write_config(tmp_path, tiny_model, photo_dir, **overrides)
 
     return make
 
@@ -68,24 +104,6 @@ def make_config(tmp_path: Path, tiny_model: Path, photo_dir: Path) -> ConfigFact
 @pytest.fixture
 def rng() -> random.Random:
     return random.Random(1234)
-
-
-def save_picture(folder: Path, name: str, colour: str, rng: random.Random) -> Path:
-    """Save a picture of `colour` as `folder/name` (format from the extension)."""
-    path = folder / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tinyclip.picture(colour, rng).save(path)
-    return path
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, what: str = "it") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
 @pytest.fixture(autouse=True)
@@ -104,30 +122,3 @@ def no_leaks() -> Iterator[None]:
         time.sleep(0.05)
     assert not leaked_children, f"child processes left running: {leaked_children}"
     assert not leaked, f"threads left running: {leaked}"
-
-
-@contextlib.contextmanager
-def file_modes_enforced() -> Iterator[None]:
-    """Make this thread subject to file modes, as an unprivileged user is.
-
-    Root reads and lists anything (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so a test of an
-    unreadable file would prove nothing as root, as in CI. Those two capabilities are
-    dropped from this thread's effective set for the block, and raised again after.
-    """
-    if os.geteuid() != 0:
-        yield  # modes apply already
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
-    data = (ctypes.c_uint32 * 6)()  # two of (effective, permitted, inheritable)
-    if libc.capget(header, data) != 0:
-        raise OSError(ctypes.get_errno(), "capget")
-    saved = data[0]
-    data[0] &= ~((1 << 1) | (1 << 2))  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
-    if libc.capset(header, data) != 0:
-        raise OSError(ctypes.get_errno(), "capset")
-    try:
-        yield
-    finally:
-        data[0] = saved
-        libc.capset(header, data)

@@ -21,7 +21,7 @@ from cliptagd.decode import UnreadableImage, open_rgb, register_heif
 from cliptagd.jobs import Job, Outcome
 from cliptagd.worker import Worker
 from tests import tinyclip
-from tests.conftest import ConfigFactory, file_modes_enforced, save_picture
+from tests.helpers import ConfigFactory, file_modes_enforced, save_picture
 
 # The model's input side in these tests, and a pixel limit far above any picture made here.
 MIN_SIDE = 224

@@ -12,26 +12,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from cliptagd.store import Store
+from cliptagd.store import Reader, TagQuery
 from tests import tinyclip
-from tests.conftest import ConfigFactory, save_picture, wait_for
-from tests.test_e2e import Daemon, labels_of, rows
+from tests.helpers import ConfigFactory, Daemon, labels_of, rows, rss_of, save_picture, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 PHOTOS = int(os.environ.get("CLIPTAGD_LOAD_PHOTOS", "10000"))
-
-
-def rss_of(pids: list[int]) -> int:
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-        except OSError:
-            pass
-    return total
 
 
 @pytest.mark.timeout(900)
@@ -55,11 +42,11 @@ def test_ten_thousand_photos_at_once_with_queries_all_along(
 
     def query_all_along() -> None:
         nonlocal answered
-        reader = Store(url, readonly=True)
+        reader = Reader(url)
         try:
             while not stop.is_set():
                 try:
-                    reader.query("red")
+                    reader.query(TagQuery(tags=("red",)))
                     reader.labels()
                     reader.counts()
                     answered += 1

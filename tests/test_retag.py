@@ -16,7 +16,7 @@ from cliptagd.search import Match, nearest
 from cliptagd.store import Store
 from cliptagd.tagger import ClipTagger
 from tests import tinyclip
-from tests.test_tagger import COLOURS, colour_set, make_tagger
+from tests.helpers import COLOURS, colour_set, make_tagger
 
 
 @pytest.fixture

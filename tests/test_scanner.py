@@ -11,7 +11,7 @@ import pytest
 from cliptagd.config import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS
 from cliptagd.jobs import FileStat
 from cliptagd.scanner import PathFilter, walk
-from tests.conftest import file_modes_enforced
+from tests.helpers import file_modes_enforced
 
 
 @pytest.fixture

@@ -8,23 +8,31 @@ import sqlite3
 import threading
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cliptagd.jobs import FileStat, Job, Outcome, TagScore, fingerprint
 from cliptagd.models import Status
-from cliptagd.store import Store, StoreError
+from cliptagd.store import Reader, Store, StoreError, TagQuery
 
 
 @pytest.fixture
 def store(tmp_path: Path) -> Store:
-    store = Store(f"sqlite:///{tmp_path / 'tags.db'}")
-    store.migrate()
-    return store
+    return Store.open(f"sqlite:///{tmp_path / 'tags.db'}")
 
 
 def tagged(job: Job, *tags: tuple[str, str, float]) -> Outcome:
     return Outcome(job, tags=tuple(TagScore(*tag) for tag in tags))
+
+
+def carrying(label: str, **options: Any) -> TagQuery:
+    return TagQuery(tags=(label,), **options)
+
+
+def seen(store: Store, path: Path) -> int:
+    """Enqueue a real file as the pipeline does: reading the disk to recognise moves."""
+    return store.enqueue([FileStat.of(path)], fingerprint=fingerprint, exists=os.path.exists)
 
 
 def test_migrate_creates_schema_with_wal_and_view(store: Store, tmp_path: Path) -> None:
@@ -110,9 +118,15 @@ def test_queries(store: Store) -> None:
         "m",
         3,
     )
-    assert [r.path for r in store.query("beach")] == ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"]
-    assert [r.path for r in store.query("beach", label_set="scene")] == ["/p/a.jpg", "/p/b.jpg"]
-    assert [r.path for r in store.query("beach", min_score=0.58)] == ["/p/a.jpg", "/p/b.jpg"]
+    assert [r.path for r in store.query(carrying("beach"))] == ["/p/a.jpg", "/p/b.jpg", "/p/c.jpg"]
+    assert [r.path for r in store.query(carrying("beach", label_set="scene"))] == [
+        "/p/a.jpg",
+        "/p/b.jpg",
+    ]
+    assert [r.path for r in store.query(carrying("beach", min_score=0.58))] == [
+        "/p/a.jpg",
+        "/p/b.jpg",
+    ]
     assert [(c.label_set, c.label, c.count) for c in store.labels()] == [
         ("scene", "beach", 2),
         ("scene", "city", 1),
@@ -138,7 +152,7 @@ def test_remove_file_and_folder(store: Store) -> None:
 
 def tag_file(store: Store, path: Path, label: str = "x") -> int:
     """Enqueue and tag a real file as the worker would (with its fingerprint)."""
-    store.enqueue([FileStat.of(path)])
+    seen(store, path)
     (job,) = store.claim_ids([j.photo_id for j in store.claim(100) if j.path == str(path)], 1)
     outcome = Outcome(job, tags=(TagScore("s", label, 0.9),), fingerprint=fingerprint(path))
     assert store.save_results([outcome], "m", 3).written == 1
@@ -165,12 +179,12 @@ def test_a_deleted_photo_leaves_every_query(store: Store, tmp_path: Path) -> Non
     a.unlink()
     assert store.remove(str(a)) == 1
     assert store.remove("/p/pending.jpg") == 1
-    assert store.query("x") == []
+    assert store.query(carrying("x")) == []
     assert store.tags_for([str(a)]) == []
     assert store.labels() == []
     assert store.counts()["deleted"] == 1
     assert store.claim(10) == []
-    assert list(store.missing_paths([str(tmp_path)])) == []
+    assert list(store.paths_under([str(tmp_path)])) == []
 
 
 def test_a_photo_moved_while_nobody_watched_keeps_its_row_and_tags(
@@ -182,9 +196,9 @@ def test_a_photo_moved_while_nobody_watched_keeps_its_row_and_tags(
     moved.parent.mkdir()
     os.rename(a, moved)
     # Seen as a new file before the old path is known to be gone (a scan finds it first).
-    assert store.enqueue([FileStat.of(moved)]) == 0
+    assert seen(store, moved) == 0
     assert ids(store) == {str(moved): (photo_id, Status.TAGGED)}
-    assert [r.path for r in store.query("x")] == [str(moved)]
+    assert [r.path for r in store.query(carrying("x"))] == [str(moved)]
 
 
 def test_a_photo_deleted_then_seen_elsewhere_is_recognised(store: Store, tmp_path: Path) -> None:
@@ -196,7 +210,7 @@ def test_a_photo_deleted_then_seen_elsewhere_is_recognised(store: Store, tmp_pat
     shutil.copy2(a, elsewhere)
     a.unlink()
     store.remove(str(a))
-    assert store.enqueue([FileStat.of(elsewhere)]) == 0
+    assert seen(store, elsewhere) == 0
     assert ids(store) == {str(elsewhere): (photo_id, Status.TAGGED)}
 
 
@@ -205,7 +219,7 @@ def test_a_copy_is_tagged_on_its_own(store: Store, tmp_path: Path) -> None:
     tag_file(store, a)
     copy = tmp_path / "copy.jpg"
     shutil.copy2(a, copy)
-    assert store.enqueue([FileStat.of(copy)]) == 1
+    assert seen(store, copy) == 1
 
 
 def test_same_size_other_content_is_not_taken_for_a_move(store: Store, tmp_path: Path) -> None:
@@ -216,16 +230,16 @@ def test_same_size_other_content_is_not_taken_for_a_move(store: Store, tmp_path:
     store.remove(str(a))
     other = photo_file(tmp_path, "b.jpg", 2)
     assert other.stat().st_size == size  # a candidate by size, refused by content
-    assert store.enqueue([FileStat.of(other)]) == 1
+    assert seen(store, other) == 1
 
 
 def test_a_deleted_photo_put_back_unchanged_is_tagged_again(store: Store, tmp_path: Path) -> None:
     a = photo_file(tmp_path, "a.jpg", 1)
     photo_id = tag_file(store, a)
     store.remove(str(a))
-    assert store.enqueue([FileStat.of(a)]) == 0
+    assert seen(store, a) == 0
     assert ids(store) == {str(a): (photo_id, Status.TAGGED)}
-    assert [r.path for r in store.query("x")] == [str(a)]
+    assert [r.path for r in store.query(carrying("x"))] == [str(a)]
 
 
 def test_deleted_rows_are_purged_after_a_while(store: Store, tmp_path: Path) -> None:
@@ -254,8 +268,10 @@ def test_fingerprint_reads_head_and_tail(tmp_path: Path) -> None:
 def test_a_database_of_the_first_schema_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
     from alembic import command
 
+    from cliptagd.store.schema import alembic
+
     store = Store(f"sqlite:///{tmp_path / 'old.db'}")
-    cfg, _ = store._alembic()
+    cfg, _ = alembic()
     with store.engine.begin() as conn:
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "0001")
@@ -263,25 +279,41 @@ def test_a_database_of_the_first_schema_is_migrated_keeping_its_rows(tmp_path: P
             "INSERT INTO photos (path, size, mtime, status, attempts, queued_at) "
             "VALUES ('/p/a.jpg', 1, 1.0, 'tagged', 0, '2026-01-01 00:00:00')"
         )
-        conn.exec_driver_sql("INSERT INTO tags (photo_id, label_set, label, score) "
-                             "VALUES (1, 's', 'x', 0.9)")  # fmt: skip
+        conn.exec_driver_sql(
+            "INSERT INTO tags (photo_id, label_set, label, score) VALUES (1, 's', 'x', 0.9)"
+        )
     store.migrate()
-    assert [r.path for r in store.query("x")] == ["/p/a.jpg"]
+    assert [r.path for r in store.query(carrying("x"))] == ["/p/a.jpg"]
     with store.engine.connect() as conn:
         assert conn.exec_driver_sql("SELECT count(*) FROM photo_tags").scalar() == 1
         assert conn.exec_driver_sql("SELECT fingerprint FROM photos").scalar() is None
 
 
-def test_readonly_store_needs_existing_database(tmp_path: Path) -> None:
+def test_a_reader_needs_an_existing_database(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="No tag database at"):
-        Store(f"sqlite:///{tmp_path / 'none.db'}", readonly=True)
+        Reader(f"sqlite:///{tmp_path / 'none.db'}")
+    assert not (tmp_path / "none.db").exists()
 
 
-def test_readonly_store_cannot_write(store: Store) -> None:
-    reader = Store(store.url, readonly=True)
-    reader.check_schema()
-    with pytest.raises(Exception, match="readonly|read-only|attempt to write"):
-        reader.enqueue([FileStat("/p/a.jpg", 1, 1.0)])
+def test_a_reader_cannot_write(store: Store) -> None:
+    reader = Reader.open(store.url)
+    assert not isinstance(reader, Store)
+    assert not hasattr(reader, "enqueue")
+    # Not even through its engine: SQLite's read-only mode.
+    with pytest.raises(Exception, match="readonly|read-only|attempt to write"):  # noqa: SIM117
+        with reader.engine.begin() as conn:
+            conn.exec_driver_sql("DELETE FROM photos")
+    reader.close()
+
+
+def test_open_creates_and_migrates_a_writer_and_checks_a_reader(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    with pytest.raises(StoreError, match="No tag database"):
+        Reader.open(url)
+    with Store.open(url) as store:
+        store.enqueue([FileStat("/p/a.jpg", 1, 1.0)])
+    with Reader.open(url) as reader:
+        assert reader.counts()["pending"] == 1
 
 
 def test_database_newer_than_code_is_refused(store: Store) -> None:
@@ -290,7 +322,7 @@ def test_database_newer_than_code_is_refused(store: Store) -> None:
     with pytest.raises(StoreError, match="newer cliptagd"):
         store.migrate()
     with pytest.raises(StoreError, match="newer cliptagd"):
-        Store(store.url, readonly=True).check_schema()
+        Reader.open(store.url)
 
 
 def test_reads_while_writing(store: Store) -> None:
@@ -310,12 +342,12 @@ def test_reads_while_writing(store: Store) -> None:
         finally:
             done.set()
 
-    reader = Store(store.url, readonly=True)
+    reader = Reader(store.url)
     writer = threading.Thread(target=write)
     writer.start()
     reads = 0
     while not done.is_set():
-        reader.query("x")
+        reader.query(carrying("x"))
         reader.counts()
         reads += 1
     writer.join()
@@ -331,7 +363,7 @@ def test_move_keeps_rows_and_tags(store: Store) -> None:
     assert store.move("/p/a.jpg", "/p/renamed.jpg") == 1
     assert store.move("/p/album", "/p/album-2024") == 1
     assert store.move("/p/nothing.jpg", "/p/else.jpg") == 0
-    assert [r.path for r in store.query("x")] == ["/p/album-2024/b.jpg", "/p/renamed.jpg"]
+    assert [r.path for r in store.query(carrying("x"))] == ["/p/album-2024/b.jpg", "/p/renamed.jpg"]
     # Unchanged after the move: never classified again.
     assert store.enqueue([FileStat("/p/renamed.jpg", 1, 1.0)]) == 0
 
@@ -342,12 +374,28 @@ def test_move_over_an_existing_photo_replaces_it(store: Store) -> None:
     assert [(j.path, j.size) for j in store.claim(10)] == [("/p/b.jpg", 1)]
 
 
-def test_missing_paths(store: Store, tmp_path: Path) -> None:
-    here = tmp_path / "here.jpg"
-    here.write_bytes(b"x")
-    gone = str(tmp_path / "gone.jpg")
-    store.enqueue([FileStat(str(here), 1, 1.0), FileStat(gone, 1, 1.0), FileStat("/else/x", 1, 1)])
-    assert list(store.missing_paths([str(tmp_path)])) == [gone]
+def test_paths_under(store: Store) -> None:
+    store.enqueue(
+        [FileStat("/p/a.jpg", 1, 1.0), FileStat("/p/sub/b.jpg", 1, 1.0), FileStat("/else/x", 1, 1)]
+    )
+    store.enqueue(FileStat(f"/p/many/{i}.jpg", 1, 1.0) for i in range(1200))  # several pages
+    paths = list(store.paths_under(["/p"]))
+    assert paths[:2] == ["/p/a.jpg", "/p/sub/b.jpg"] and len(paths) == 1202
+    store.remove("/p/sub")  # known deleted: left out
+    assert "/p/sub/b.jpg" not in store.paths_under(["/p"])
+
+
+def test_moves_are_recognised_from_what_the_caller_reads(store: Store) -> None:
+    """The store reads no files: the fingerprints and the paths gone are the caller's."""
+    store.enqueue([FileStat("/p/a.jpg", 7, 1.0)])
+    (job,) = store.claim(1)
+    store.save_results([Outcome(job, fingerprint="abc")], "m", 3)
+    new = [FileStat("/q/b.jpg", 7, 2.0)]
+    assert store.enqueue(new, fingerprint=lambda _: "abc", exists=lambda _: True) == 1  # a copy
+    store.remove("/q/b.jpg")
+    assert store.enqueue(new, fingerprint=lambda _: "abc", exists=lambda _: False) == 0  # moved
+    assert store.photos(["/q/b.jpg"])["/q/b.jpg"].status == Status.TAGGED
+    assert store.photos(["/p/a.jpg"]) == {}
 
 
 def test_record_crash_quarantines_after_max_attempts(store: Store) -> None:
@@ -366,8 +414,6 @@ def test_new_database_is_private(tmp_path: Path) -> None:
 
 
 def test_query_options(store: Store) -> None:
-    from cliptagd.store import TagQuery
-
     photos = {
         "/p/2023/a.jpg": (100.0, [("scene", "beach", 0.9), ("things", "dog", 0.8)]),
         "/p/2023/b.jpg": (200.0, [("scene", "beach", 0.6), ("things", "cat", 0.7)]),
@@ -414,15 +460,18 @@ def test_query_options(store: Store) -> None:
 def test_label_counts_follow_every_change(store: Store, tmp_path: Path) -> None:
     from datetime import timedelta
 
-    from tests.test_faults import label_counts, label_counts_truth
+    from tests.helpers import label_counts, label_counts_truth
 
     db = tmp_path / "tags.db"
     store.enqueue(FileStat(f"/p/{n}.jpg", 1, 1.0) for n in "abcd")
     a, b, c, d = store.claim(4)
-    store.save_results(
-        [tagged(a, ("s", "x", 0.9), ("t", "y", 0.8)), tagged(b, ("s", "x", 0.7)),
-         tagged(c, ("s", "z", 0.6)), tagged(d, ("t", "y", 0.5))], "m", 3,
-    )  # fmt: skip
+    first = [
+        tagged(a, ("s", "x", 0.9), ("t", "y", 0.8)),
+        tagged(b, ("s", "x", 0.7)),
+        tagged(c, ("s", "z", 0.6)),
+        tagged(d, ("t", "y", 0.5)),
+    ]
+    store.save_results(first, "m", 3)
     steps = [
         lambda: store.enqueue([FileStat("/p/a.jpg", 2, 2.0)]),  # changed: hidden until redone
         lambda: store.save_results([tagged(store.claim(1)[0], ("s", "z", 0.9))], "m", 3),
@@ -440,8 +489,9 @@ def test_label_counts_follow_every_change(store: Store, tmp_path: Path) -> None:
         step()
         assert label_counts(db) == label_counts_truth(db)
     assert [(c.label_set, c.label, c.count) for c in store.labels()] == [
-        ("s", "w", 1), ("s", "z", 1)
-    ]  # fmt: skip
+        ("s", "w", 1),
+        ("s", "z", 1),
+    ]
 
 
 # -- what a new user hit ---------------------------------------------------------------------
@@ -453,10 +503,10 @@ def test_a_file_name_that_is_not_utf8_is_queued_tagged_and_found(store: Store) -
     (job,) = store.claim(1)
     assert job.path == raw  # the name open() takes
     store.save_results([tagged(job, ("s", "red", 0.9))], "m", 3)
-    assert [row.path for row in store.query("red")] == [raw]
+    assert [row.path for row in store.query(carrying("red"))] == [raw]
     assert [row.label for row in store.tags_for([raw])] == ["red"]
     assert store.move(raw, os.fsdecode(b"/q/caf\xe9.jpg")) == 1
-    assert [row.path for row in store.query("red")] == [os.fsdecode(b"/q/caf\xe9.jpg")]
+    assert [row.path for row in store.query(carrying("red"))] == [os.fsdecode(b"/q/caf\xe9.jpg")]
     db = sqlite3.connect(store.file)  # type: ignore[arg-type]
     assert db.execute("SELECT path, raw_path FROM photos").fetchall() == [
         ("/q/caf\\xe9.jpg", b"/q/caf\xe9.jpg")
@@ -514,10 +564,10 @@ def test_readers_need_no_write_access_once_the_writer_closed(tmp_path: Path) -> 
     store.close()
     # A clean stop leaves a database any reader of the file can read (no -wal/-shm needed).
     assert not (tmp_path / "tags.db-wal").exists()
-    reader = Store(f"sqlite:///{tmp_path / 'tags.db'}", readonly=True)
+    reader = Reader(f"sqlite:///{tmp_path / 'tags.db'}")
     assert reader.counts()["pending"] == 1
-    with pytest.raises(Exception, match="readonly"):
-        reader.enqueue([FileStat("/p/b.jpg", 10, 1.0)])
+    with pytest.raises(Exception, match="readonly"), reader.engine.begin() as conn:
+        conn.exec_driver_sql("DELETE FROM photos")
     reader.close()
     # And the next writer is back in WAL mode.
     writer = Store(f"sqlite:///{tmp_path / 'tags.db'}")
@@ -539,3 +589,11 @@ def test_a_database_location_that_cannot_be_written_is_one_sentence(
         StoreError, match=r"^Cannot create the database .*: .*\. Point database.url"
     ):
         Store("sqlite:///" + where.format(tmp=tmp_path))
+
+
+def test_the_last_retag_is_kept_for_status(store: Store) -> None:
+    assert store.last_retag() is None
+    store.record_retag(True, "Re-tagged 3 photo(s) for colour")
+    store.record_retag(False, "failed: OSError: disk full")
+    last = store.last_retag()
+    assert last is not None and (last.ok, last.message) == (False, "failed: OSError: disk full")

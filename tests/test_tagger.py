@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 import shutil
@@ -11,7 +10,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import open_clip
 import pytest
@@ -19,28 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cliptagd.config import LabelSetConfig, Mode, ModelConfig
+from cliptagd.config import Mode, ModelConfig
 from cliptagd.decode import open_rgb
 from cliptagd.tagger import ClipTagger, LabelSetEmbedding, ModelLoadError, resolve_device, score
 from tests import tinyclip
-
-COLOURS = list(tinyclip.COLOURS)
-
-
-def colour_set(**options: object) -> LabelSetConfig:
-    return LabelSetConfig.model_validate(
-        {"templates": [tinyclip.TEMPLATE], "labels": COLOURS, **options}
-    )
-
-
-def make_tagger(model_dir: Path, cache: Path, **sets: LabelSetConfig) -> ClipTagger:
-    tagger = ClipTagger(
-        ModelConfig(name=f"local-dir:{model_dir}", device="cpu"),
-        sets or {"colour": colour_set(top_k=4)},
-        cache,
-    )
-    tagger.load()
-    return tagger
+from tests.helpers import COLOURS, classic_zero_shot, colour_set, make_tagger
 
 
 def unit(*rows: list[float]) -> torch.Tensor:
@@ -77,27 +58,6 @@ def test_multi_mode_decides_each_label_against_its_negative() -> None:
 
 
 # -- the real model -----------------------------------------------------------------------------
-
-
-@functools.cache
-def _reference_model(model_dir: Path) -> tuple[Any, Any, Any]:
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{model_dir}")
-    model.eval()
-    return model, preprocess, open_clip.get_tokenizer(f"local-dir:{model_dir}")
-
-
-def classic_zero_shot(model_dir: Path, image: Image.Image) -> list[float]:
-    """open_clip's README example, one photo at a time (prompts encoded for every photo)."""
-    model, preprocess, tokenizer = _reference_model(model_dir)
-    text = tokenizer([tinyclip.TEMPLATE.format(c) for c in COLOURS])
-    with torch.no_grad():
-        image_features = model.encode_image(preprocess(image).unsqueeze(0))
-        text_features = model.encode_text(text)
-        image_features /= image_features.norm(dim=-1, keepdim=True)
-        text_features /= text_features.norm(dim=-1, keepdim=True)
-        probs = (model.logit_scale.exp() * image_features @ text_features.T).softmax(dim=-1)
-    result: list[float] = probs[0].tolist()
-    return result
 
 
 def test_batched_scores_equal_the_classic_per_photo_reference(
@@ -315,8 +275,8 @@ def test_unknown_pretrained_tag_lists_the_models_tags(tmp_path: Path) -> None:
     assert "laion2b_s34b_b79k" in message
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
-def test_cuda_requested_without_cuda() -> None:
+def test_cuda_requested_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also on a CUDA machine
     with pytest.raises(ModelLoadError, match="torch sees no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"

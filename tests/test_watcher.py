@@ -19,7 +19,7 @@ from cliptagd.jobs import FileStat
 from cliptagd.scanner import PathFilter
 from cliptagd.watcher import Watcher
 from tests import tinyclip
-from tests.conftest import wait_for
+from tests.helpers import wait_for
 
 # Long enough to tell a close event (at once) from the settle timer, short enough for CI.
 SETTLE = 0.5
@@ -138,6 +138,7 @@ def test_a_photo_written_and_closed_is_ready_once_at_the_close(root: Path) -> No
         assert calls.ready == [written]
 
 
+@pytest.mark.slow  # and in the default run, through the daemon: tests/test_e2e.py's slow copy
 def test_a_slow_writer_is_ready_only_when_complete(root: Path) -> None:
     data = jpeg_bytes(size=(400, 300))
     chunks = [data[i : i + len(data) // 8 + 1] for i in range(0, len(data), len(data) // 8 + 1)]
@@ -289,7 +290,10 @@ def test_files_that_are_not_photos_are_ignored(root: Path) -> None:
         assert calls.ready == [photo]
 
 
-@pytest.mark.parametrize("polling", [False, True], ids=["inotify", "polling"])
+POLLING_SLOW = pytest.param(True, marks=pytest.mark.slow, id="polling")
+
+
+@pytest.mark.parametrize("polling", [pytest.param(False, id="inotify"), POLLING_SLOW])
 def test_a_root_deleted_and_made_again_is_watched_again(root: Path, polling: bool) -> None:
     with watching(root, polling=polling) as calls:
         write(root / "a.jpg", jpeg_bytes())

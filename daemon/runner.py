@@ -1,0 +1,241 @@
+"""The runner: the one loop `cliptagd run` and `cliptagd scan` share.
+
+It owns the worker process and the pipeline: starting the worker, opening the database once
+the model is loaded, restarting a worker that died (and giving up on one that keeps dying
+without finishing a photo), replacing a worker that hangs, swapping in a new worker on a
+reload while the old one goes on, and shutting down. What only a daemon has (signals,
+sd_notify, watching, rescans) is in service.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import threading
+from collections.abc import Callable, Sequence
+
+from .config import Config
+from .jobs import Outcome
+from .pipeline import Pipeline
+from .store import Store
+from .worker import ModelUnavailable, Ready, Worker, WorkerError
+
+log = logging.getLogger(__name__)
+
+# SIGTERM gives the batch in flight this long to finish before the worker is ended; what
+# is not finished stays pending and is done at the next start.
+SHUTDOWN_GRACE_SECONDS = 5.0
+
+# A worker that dies this many times in a row without finishing a photo is not restarted
+# again (raised to max_attempts + 1: a poison photo may kill it that often before it is
+# quarantined).
+MAX_RESTARTS = 3
+
+
+class StartupError(Exception):
+    """The daemon cannot start (or go on); the message says why and what to do."""
+
+
+class Stopped(Exception):
+    """SIGTERM or Ctrl-C came while starting: nothing to clean up but what was started."""
+
+
+def failure_context(config: Config, model_id: str) -> str:
+    """What a photo's failure depends on besides the file: the decoders at hand, the limits,
+    the model. A failed photo is tried again when this changes (a limit raised, pillow-heif
+    installed, another model), since it may now be tagged."""
+    from PIL import __version__ as pillow
+
+    facts = {
+        "model": model_id,
+        "max_pixels": config.worker.max_pixels,
+        "max_attempts": config.worker.max_attempts,
+        "stall_seconds": config.worker.stall_seconds,
+        "pillow": pillow,
+        "heif": importlib.util.find_spec("pillow_heif") is not None,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _start(worker: Worker, stop: threading.Event) -> Ready:
+    """Wait for `worker`'s model; raises Stopped if `stop` is set meanwhile."""
+    try:
+        ready = worker.start(stop=stop)
+    except ModelUnavailable as exc:
+        raise StartupError(str(exc)) from None
+    except WorkerError as exc:
+        raise StartupError(f"The worker could not start: {exc}") from None
+    if ready is None:
+        raise Stopped
+    log.info("Worker %d ready: model %s on %s", worker.pid, ready.model_id, ready.device)
+    return ready
+
+
+class Runner:
+    """The worker, the pipeline and the store of one `run` or `scan`."""
+
+    def __init__(
+        self,
+        config: Config,
+        stop: threading.Event,
+        *,
+        on_outcomes: Callable[[Sequence[Outcome]], None] | None = None,
+    ) -> None:
+        self.config = config
+        self.stop = stop
+        self.on_outcomes = on_outcomes
+        self.worker = Worker(config)
+        # A worker loading a reloaded config's model while the running one goes on tagging.
+        self.next_worker: Worker | None = None
+        self.next_config = config
+        self.deaths = 0  # in a row, with no photo finished in between
+        self.store: Store | None = None
+        self._pipeline: Pipeline | None = None
+
+    @property
+    def pipeline(self) -> Pipeline:
+        assert self._pipeline is not None, "start() first"
+        return self._pipeline
+
+    def launch(self) -> None:
+        """Start the worker without waiting: the model loads while the caller goes on."""
+        self.worker.launch()
+
+    def start(self) -> None:
+        """Wait for the model, then open the database (so a start that fails leaves no
+        empty database) and catch up. Raises StartupError, or Stopped on SIGTERM."""
+        try:
+            ready = _start(self.worker, self.stop)
+            self.store = Store.open(self.config.database.url)
+        except BaseException:
+            self.worker.kill()
+            raise
+        self._pipeline = Pipeline(
+            self.store,
+            self.worker,
+            model_id=ready.model_id,
+            batch_size=self.config.worker.batch_size,
+            max_attempts=self.config.worker.max_attempts,
+            failed_with=self._catch_up(self.config, ready),
+            on_outcomes=self._outcomes,
+        )
+
+    def _catch_up(self, config: Config, ready: Ready) -> str:
+        """Photos of another model are queued to be encoded again, and photos that failed
+        under other conditions are tried again. Returns the failure context."""
+        assert self.store is not None
+        stale = self.store.mark_stale(ready.model_id)
+        if stale:
+            log.info("%d photo(s) were tagged by another model: encoding them again", stale)
+        context = failure_context(config, ready.model_id)
+        retried = self.store.retry_failed(context)
+        if retried:
+            log.info(
+                "Trying %d failed photo(s) again: decoders, limits or the model changed", retried
+            )
+        return context
+
+    def _outcomes(self, outcomes: Sequence[Outcome]) -> None:
+        self.deaths = 0
+        if self.on_outcomes is not None:
+            self.on_outcomes(outcomes)
+
+    @property
+    def alive(self) -> bool:
+        return self.worker.alive
+
+    def step(self, timeout: float = 0.2) -> None:
+        """One turn: record arrivals, feed the worker, save its results; replace a worker
+        that died or hangs; swap in a reloaded config's worker once it is ready."""
+        try:
+            self.pipeline.step(timeout)
+            if self.pipeline.stalled(self.config.worker.stall_seconds):
+                raise WorkerError(
+                    f"The worker returned nothing for {self.config.worker.stall_seconds:.0f} s "
+                    "(worker.stall_seconds)."
+                )
+        except WorkerError as exc:
+            if not self.stop.is_set():
+                self._restart(exc)
+        if self.next_worker is not None:
+            self._swap_when_ready()
+
+    def _restart(self, reason: WorkerError) -> None:
+        """Replace a worker that died or hangs; its photos count an attempt each."""
+        self.deaths += 1
+        self.worker.kill()
+        self.pipeline.worker_died(str(reason))
+        limit = max(MAX_RESTARTS, self.config.worker.max_attempts) + 1
+        if self.deaths >= limit:
+            raise StartupError(
+                f"The worker died {self.deaths} times in a row without finishing a photo "
+                f"(last: {reason}); giving up. See the log above for the cause."
+            )
+        log.error("%s Starting a new worker; its photos will be tried again.", reason)
+        self.worker = Worker(self.config)
+        try:
+            _start(self.worker, self.stop)
+        except Stopped:  # SIGTERM while it loads: the loop ends, nothing is held
+            return
+        self.pipeline.use_worker(self.worker)
+
+    def reload(self, config: Config) -> None:
+        """Load `config`'s model and label sets in a new worker; the running one goes on
+        until it is ready (see step)."""
+        if self.next_worker is not None:  # a reload while a reload loads: the newest wins
+            self.next_worker.kill()
+        log.info("Reloading: loading the new model and label sets; tagging goes on meanwhile")
+        self.next_config = config
+        self.next_worker = Worker(config)
+        self.next_worker.launch()
+
+    def _swap_when_ready(self) -> None:
+        assert self.next_worker is not None and self.store is not None
+        try:
+            ready = self.next_worker.poll_ready()
+        except WorkerError as exc:
+            self.next_worker.kill()
+            self.next_worker = None
+            log.error("The new config's model cannot be loaded (%s); keeping the old one", exc)
+            return
+        if ready is None:
+            return
+        worker, self.next_worker = self.next_worker, None
+        log.info("Worker %d ready: model %s on %s", worker.pid, ready.model_id, ready.device)
+        self._hand_over()
+        self.worker, self.config, self.deaths = worker, self.next_config, 0
+        # The new worker re-tagged changed label sets from the stored embeddings as it
+        # started; a new model makes the photos of the old one stale.
+        self.pipeline.use_worker(
+            worker,
+            model_id=ready.model_id,
+            batch_size=self.config.worker.batch_size,
+            max_attempts=self.config.worker.max_attempts,
+            failed_with=self._catch_up(self.config, ready),
+        )
+        log.info("Now tagging with the reloaded config")
+
+    def _hand_over(self) -> None:
+        """Let the worker finish its batch in flight (briefly), save it, and end it; its
+        other photos stay pending and go to the next worker."""
+        self.pipeline.save_finished(self.worker.stop(SHUTDOWN_GRACE_SECONDS))
+        self.pipeline.hand_back()
+
+    @property
+    def reloading(self) -> bool:
+        return self.next_worker is not None
+
+    def shutdown(self) -> None:
+        """End the workers, saving what they finished (the database stays open)."""
+        if self.next_worker is not None:
+            self.next_worker.kill()
+        if self._pipeline is not None:
+            self._hand_over()
+        else:
+            self.worker.kill()
+
+    def close(self) -> None:
+        if self.store is not None:
+            self.store.close()

@@ -1,0 +1,354 @@
+"""The read side of the tag database: queries, tags, labels, counts, stored embeddings.
+
+`Reader` has no method that writes, and opens the database in SQLite's read-only mode (it
+needs no write permission anywhere): the query commands and the library's
+`open_database` use it, while the daemon runs or not. The writing `Store` extends it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal, Self
+
+from sqlalchemy import ColumnElement, func, or_, select
+
+from ..models import VISIBLE, Embedding, LabelSetDigest, LabelTotal, Photo, Retag, Status, Tag
+from ..paths import display, folder_prefix, from_db
+from .schema import BUSY_TIMEOUT, check_schema, open_engine, waits_for_locks
+from .sqlite import CHUNK
+
+
+@dataclass(frozen=True, slots=True)
+class TagRow:
+    path: str  # as open() takes it (see paths.py)
+    label_set: str
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class TagQuery:
+    """What `query` asks: photos with every one of `tags`, at least one of `any_tags`, none
+    of `not_tags`; in one set, scored at least `min_score`, under a folder, by file time."""
+
+    tags: tuple[str, ...] = ()
+    any_tags: tuple[str, ...] = ()
+    not_tags: tuple[str, ...] = ()
+    label_set: str | None = None
+    min_score: float | None = None
+    under: str | None = None
+    since: float | None = None  # file mtime, seconds since the epoch
+    until: float | None = None
+    limit: int | None = None
+    sort: Literal["score", "time", "path"] = "score"
+
+
+@dataclass(frozen=True, slots=True)
+class LabelCount:
+    label_set: str
+    label: str
+    count: int
+
+
+@dataclass(frozen=True, slots=True)
+class RetagState:
+    """The last re-tag from stored embeddings: when it finished, and how."""
+
+    finished_at: datetime  # UTC
+    ok: bool
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class PhotoState:
+    path: str
+    status: str
+    error: str | None
+
+
+def under_folder(folder: str) -> ColumnElement[bool]:
+    """The SQL condition "the photo is under `folder`" (the folder-prefix match)."""
+    return Photo.path.startswith(folder_prefix(display(folder)), autoescape=True)
+
+
+def at_or_under(path: str) -> ColumnElement[bool]:
+    """The SQL condition "the photo is `path`, or under the folder `path`"."""
+    return (Photo.path == display(path)) | under_folder(path)
+
+
+# The tags of the photos the queries show, as the columns `_tag_row` reads.
+_TAG_ROWS = (
+    select(Photo.path, Photo.raw_path, Tag.label_set, Tag.label, Tag.score)
+    .join(Photo, Photo.id == Tag.photo_id)
+    .where(Photo.status.in_(VISIBLE))
+)
+
+
+class Reader:
+    """The tag database at `url`, for queries only."""
+
+    readonly = True
+
+    def __init__(self, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        self.url = url
+        self.file, self.engine = open_engine(url, readonly=self.readonly, busy_timeout=busy_timeout)
+
+    @classmethod
+    def open(cls, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> Self:
+        """Open the database at `url`, refusing one whose schema is not this code's."""
+        reader = cls(url, busy_timeout=busy_timeout)
+        try:
+            reader.check_schema()
+        except BaseException:
+            reader.close()
+            raise
+        return reader
+
+    def check_schema(self) -> None:
+        """Raise StoreError unless the database is at this code's schema."""
+        check_schema(self.engine, self.url)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _pages(self, stmt: Any, key: Any, after: int, size: int = CHUNK) -> Iterator[Sequence[Any]]:
+        """The rows of `stmt` whose `key` (a selected column) is past `after`, by `key`,
+        `size` at a time: each page is a short read of its own, so a long walk neither holds
+        a read transaction open nor keeps the writer from checkpointing."""
+        while True:
+            with self.engine.connect() as conn:
+                rows = conn.execute(stmt.where(key > after).order_by(key).limit(size)).all()
+            if not rows:
+                return
+            yield rows
+            after = getattr(rows[-1], key.key)
+
+    # -- photos and tags ------------------------------------------------------------------
+
+    @waits_for_locks
+    def counts(self) -> dict[str, int]:
+        """How many photos are in each status (every status present, zero or not)."""
+        counts = {status.value: 0 for status in Status}
+        with self.engine.connect() as conn:
+            for status, count in conn.execute(
+                select(Photo.status, func.count()).group_by(Photo.status)
+            ):
+                counts[status] = count
+        return counts
+
+    @waits_for_locks
+    def waiting_under(self, folders: Sequence[str]) -> int:
+        """How many photos under `folders` wait to be tagged (pending, or stale)."""
+        stmt = select(func.count()).where(
+            Photo.status.in_([Status.PENDING, Status.STALE]), or_(*map(under_folder, folders))
+        )
+        with self.engine.connect() as conn:
+            return int(conn.scalar(stmt) or 0)
+
+    def paths_under(self, roots: Sequence[str]) -> Iterator[str]:
+        """Every path recorded under `roots` (those known deleted left out), in id order; the
+        caller tells which are gone (the store reads no files)."""
+        stmt = select(Photo.id, Photo.path, Photo.raw_path).where(
+            Photo.status != Status.DELETED, or_(*map(under_folder, roots))
+        )
+        for rows in self._pages(stmt, Photo.id, 0):
+            for row in rows:
+                yield from_db(row.path, row.raw_path)
+
+    def query(self, q: TagQuery) -> list[TagRow]:
+        """Photos matching `q`: one row per asked tag a matching photo carries (every tag
+        when none is asked), by `q.sort`, at most `q.limit` photos."""
+
+        def carrying(labels: Collection[str], scored: bool = True) -> Any:
+            sub = select(Tag.photo_id).where(Tag.label.in_(list(labels)))
+            if q.label_set is not None:
+                sub = sub.where(Tag.label_set == q.label_set)
+            if scored and q.min_score is not None:
+                sub = sub.where(Tag.score >= q.min_score)
+            return sub
+
+        asked = [*q.tags, *q.any_tags]
+        stmt = _TAG_ROWS
+        if asked:
+            stmt = stmt.where(Tag.label.in_(asked))
+        if q.label_set is not None:
+            stmt = stmt.where(Tag.label_set == q.label_set)
+        if q.min_score is not None:
+            stmt = stmt.where(Tag.score >= q.min_score)
+        # One tag alone drives the query through its index; with others, each is required.
+        for label in q.tags if len(asked) > 1 else ():
+            stmt = stmt.where(Photo.id.in_(carrying([label])))
+        if q.any_tags and q.tags:
+            stmt = stmt.where(Photo.id.in_(carrying(q.any_tags)))
+        if q.not_tags:
+            stmt = stmt.where(Photo.id.not_in(carrying(q.not_tags, scored=False)))
+        if q.under is not None:
+            stmt = stmt.where(under_folder(q.under))
+        if q.since is not None:
+            stmt = stmt.where(Photo.mtime >= q.since)
+        if q.until is not None:
+            stmt = stmt.where(Photo.mtime < q.until)
+        order = {
+            "score": (Tag.score.desc(), Photo.path),
+            "time": (Photo.mtime.desc(), Photo.path, Tag.score.desc()),
+            "path": (Photo.path, Tag.score.desc()),
+        }[q.sort]
+        if q.limit is not None and len(asked) == 1:
+            stmt = stmt.limit(q.limit)  # one row per photo: straight from the index
+        elif q.limit is not None:
+            # Several rows per photo: pick the photos first, then all their rows.
+            best = {
+                "score": (func.max(Tag.score).desc(), Photo.path),
+                "time": (Photo.mtime.desc(), Photo.path),
+                "path": (Photo.path,),
+            }[q.sort]
+            photos = (
+                stmt.with_only_columns(Photo.id).group_by(Photo.id).order_by(*best).limit(q.limit)
+            )
+            stmt = stmt.where(Photo.id.in_(photos))
+        with self.engine.connect() as conn:
+            return [_tag_row(row) for row in conn.execute(stmt.order_by(*order))]
+
+    def tags_for(self, paths: Sequence[str]) -> list[TagRow]:
+        """The tags of the given photos, by path, then set, best score first."""
+        asked = Photo.path.in_([display(p) for p in paths])
+        stmt = _TAG_ROWS.where(asked).order_by(Photo.path, Tag.label_set, Tag.score.desc())
+        with self.engine.connect() as conn:
+            return [_tag_row(row) for row in conn.execute(stmt)]
+
+    def photos(self, paths: Sequence[str]) -> dict[str, PhotoState]:
+        """What the database knows of each of `paths` (absent when it knows nothing)."""
+        stmt = select(Photo.path, Photo.raw_path, Photo.status, Photo.error).where(
+            Photo.path.in_([display(p) for p in paths])
+        )
+        with self.engine.connect() as conn:
+            states = [_photo_state(row) for row in conn.execute(stmt)]
+        return {state.path: state for state in states}
+
+    def failures(self, limit: int = 20) -> list[PhotoState]:
+        """The most recently failed photos with their reasons."""
+        stmt = (
+            select(Photo.path, Photo.raw_path, Photo.status, Photo.error)
+            .where(Photo.status == Status.FAILED)
+            .order_by(Photo.tagged_at.desc())
+            .limit(limit)
+        )
+        with self.engine.connect() as conn:
+            return [_photo_state(row) for row in conn.execute(stmt)]
+
+    # -- labels -----------------------------------------------------------------------------
+
+    def labels(self) -> list[LabelCount]:
+        """Every label in use with its number of photos, per set (kept by triggers)."""
+        stmt = (
+            select(LabelTotal.label_set, LabelTotal.label, LabelTotal.count)
+            .where(LabelTotal.count > 0)
+            .order_by(LabelTotal.label_set, LabelTotal.count.desc(), LabelTotal.label)
+        )
+        with self.engine.connect() as conn:
+            return [LabelCount(*row) for row in conn.execute(stmt)]
+
+    def last_retag(self) -> RetagState | None:
+        """The last re-tag that finished or failed (the daemon's, or `cliptagd retag`'s)."""
+        stmt = select(Retag.finished_at, Retag.ok, Retag.message).order_by(Retag.id.desc())
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt.limit(1)).first()
+        return RetagState(row.finished_at, bool(row.ok), row.message) if row else None
+
+    def label_set_digests(self) -> dict[str, str]:
+        """What each label set's tags were computed with (see retag.py), by set."""
+        with self.engine.connect() as conn:
+            return dict(conn.execute(select(LabelSetDigest.name, LabelSetDigest.digest)).all())
+
+    def tagged_label_sets(self) -> set[str]:
+        """Every label set that has tags in the database, or had them (its counts, kept by
+        triggers, stay until the set is forgotten), or was recorded as tagged."""
+        with self.engine.connect() as conn:
+            counted = conn.scalars(select(LabelTotal.label_set).distinct()).all()
+            recorded = conn.scalars(select(LabelSetDigest.name)).all()
+        return {*counted, *recorded}
+
+    # -- stored embeddings ----------------------------------------------------------------
+
+    def embedding_chunks(
+        self, model_id: str, size: int = CHUNK
+    ) -> Iterator[tuple[list[int], bytes]]:
+        """The stored embeddings of `model_id` (of tagged photos, and of deleted ones, which
+        may come back), `size` at a time: photo ids, and their float16 vectors end to end."""
+        stmt = (
+            select(Embedding.photo_id, Embedding.vector)
+            .join(Photo, Photo.id == Embedding.photo_id)
+            .where(
+                Embedding.model_id == model_id,
+                Photo.status.in_([Status.TAGGED, Status.DELETED]),
+            )
+        )
+        for rows in self._pages(stmt, Embedding.photo_id, 0, size):
+            yield [row.photo_id for row in rows], b"".join(row.vector for row in rows)
+
+    def embeddings_since(
+        self, model_id: str, seq: int, size: int = 50_000
+    ) -> Iterator[tuple[list[int], bytes, int]]:
+        """Embeddings of `model_id` written after `seq`, in write order, `size` at a time:
+        photo ids, float16 vectors end to end, and the last one's seq."""
+        stmt = select(Embedding.photo_id, Embedding.vector, Embedding.seq).where(
+            Embedding.model_id == model_id
+        )
+        for rows in self._pages(stmt, Embedding.seq, seq, size):
+            ids, vectors = [row.photo_id for row in rows], b"".join(row.vector for row in rows)
+            yield ids, vectors, int(rows[-1].seq)
+
+    def paths_of(self, photo_ids: Sequence[int], model_id: str) -> dict[int, str]:
+        """The paths of these photos, by id: only those the queries show, whose embedding
+        is still by `model_id`."""
+        out: dict[int, str] = {}
+        with self.engine.connect() as conn:
+            for start in range(0, len(photo_ids), CHUNK):
+                stmt = (
+                    select(Photo.id, Photo.path, Photo.raw_path)
+                    .join(Embedding, Embedding.photo_id == Photo.id)
+                    .where(
+                        Photo.id.in_(photo_ids[start : start + CHUNK]),
+                        Photo.status.in_(VISIBLE),
+                        Embedding.model_id == model_id,
+                    )
+                )
+                out.update((row.id, from_db(row.path, row.raw_path)) for row in conn.execute(stmt))
+        return out
+
+    def embedding_of(self, path: str) -> tuple[str, bytes] | None:
+        """The model id and stored embedding of one photo, if it has one."""
+        stmt = (
+            select(Embedding.model_id, Embedding.vector)
+            .join(Photo, Photo.id == Embedding.photo_id)
+            .where(Photo.path == display(path))
+        )
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        return (row.model_id, row.vector) if row else None
+
+    def embeddings_of(self, paths: Sequence[str], model_id: str) -> dict[str, bytes]:
+        """The stored embeddings (by `model_id`) of the given photos, by path."""
+        stmt = (
+            select(Photo.path, Photo.raw_path, Embedding.vector)
+            .join(Embedding, Embedding.photo_id == Photo.id)
+            .where(Photo.path.in_([display(p) for p in paths]), Embedding.model_id == model_id)
+        )
+        with self.engine.connect() as conn:
+            return {from_db(row.path, row.raw_path): row.vector for row in conn.execute(stmt)}
+
+
+def _tag_row(row: Any) -> TagRow:
+    return TagRow(from_db(row.path, row.raw_path), row.label_set, row.label, row.score)
+
+
+def _photo_state(row: Any) -> PhotoState:
+    return PhotoState(from_db(row.path, row.raw_path), row.status, row.error)

@@ -1,0 +1,187 @@
+"""Opening the tag database: its URL and file, the engine, waiting out locks, migrations."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ParamSpec, TypeVar
+
+from sqlalchemy import Connection, Engine, make_url
+from sqlalchemy.exc import ArgumentError, OperationalError
+
+from . import sqlite
+
+log = logging.getLogger(__name__)
+
+MIGRATIONS = Path(__file__).parent.parent / "migrations"
+
+# How long a statement waits for another program's write lock before it is retried (and
+# the wait logged): SQLite's busy timeout.
+BUSY_TIMEOUT = 30.0
+
+# While another program holds the write lock, the wait is logged again this often.
+LOCKED_LOG_EVERY = 60.0
+
+
+class StoreError(Exception):
+    """The database cannot be opened or used; the message says what to do."""
+
+
+class UnsupportedDatabase(StoreError):
+    """database.url names a database cliptagd cannot use (a config error)."""
+
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def waits_for_locks(method: Callable[P, R]) -> Callable[P, R]:
+    """Run `method` again while another program holds the database's write lock past the
+    busy timeout (a GUI editor's open transaction, a long VACUUM): wait, never fail."""
+
+    @functools.wraps(method)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        since = last_log = None
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except OperationalError as exc:
+                if not sqlite.is_locked(exc):
+                    raise
+                now = time.monotonic()
+                if last_log is None or now - last_log >= LOCKED_LOG_EVERY:
+                    log.warning(
+                        "The database is locked by another program (an open transaction in "
+                        "another SQLite client, or a VACUUM?)%s; waiting for it",
+                        f" for {now - since:.0f} s" if since is not None else "",
+                    )
+                    last_log = now
+                since = since if since is not None else now
+                time.sleep(1.0)
+
+    return wrapper
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite `url` (None for an in-memory database). Raises StoreError for a
+    URL that is not SQLite's: the queries, upserts and triggers are SQLite's for now."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise UnsupportedDatabase(
+            f"database.url {url!r} is not a database URL (sqlite:////path/to/tags.db)"
+        ) from None
+    if parsed.get_backend_name() != "sqlite":
+        raise UnsupportedDatabase(
+            f"database.url: {parsed.get_backend_name()} is not supported; cliptagd keeps its "
+            "tags in SQLite (database.url: sqlite:////path/to/tags.db)."
+        )
+    if not parsed.database or parsed.database == ":memory:":
+        return None
+    return Path(parsed.database)
+
+
+def open_engine(url: str, *, readonly: bool, busy_timeout: float) -> tuple[Path | None, Engine]:
+    """The database file at `url` (created if missing, unless `readonly`) and its engine."""
+    file = sqlite_file(url)
+    if file is not None and not file.exists():
+        if readonly:
+            raise StoreError(
+                f"No tag database at {file} yet: start the daemon (cliptagd run) "
+                "or tag a folder (cliptagd scan) first."
+            )
+        _create_file(file)
+    return file, sqlite.connect(url, file, readonly=readonly, busy_timeout=busy_timeout)
+
+
+def _create_file(path: Path) -> None:
+    try:
+        # The database lists the paths of private photos: the owner writes it, its group
+        # (a "query" group) may read it, others see nothing. SQLite gives the -wal and
+        # -shm files the same mode.
+        path.parent.mkdir(mode=0o750, parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o640))
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StoreError(
+            f"Cannot create the database {path}: {reason}. Point database.url at a file "
+            "in a folder this user can write."
+        ) from None
+
+
+def where(url: str) -> str:
+    """`url` as the messages show it (no password)."""
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def alembic() -> tuple[Any, Any]:
+    """Alembic's config and script directory for cliptagd's migrations."""
+    from alembic.config import Config as AlembicConfig
+    from alembic.script import ScriptDirectory
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    return cfg, ScriptDirectory.from_config(cfg)
+
+
+def _current_revision(conn: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
+    revision: str | None = MigrationContext.configure(conn).get_current_revision()
+    return revision
+
+
+def _check_not_newer(url: str, script: Any, revision: str | None) -> None:
+    from alembic.util import CommandError
+
+    if revision is None:
+        return
+    try:
+        script.get_revision(revision)
+    except CommandError:
+        raise StoreError(
+            f"The database {where(url)} has schema revision {revision}, written by a "
+            "newer cliptagd. Upgrade cliptagd, or point database.url at another file."
+        ) from None
+
+
+@waits_for_locks
+def migrate(writer: Engine, url: str) -> None:
+    """Create the schema or bring it up to date, in one write transaction on `writer`;
+    refuse a database newer than this code."""
+    from alembic import command
+
+    cfg, script = alembic()
+    try:
+        with writer.begin() as conn:
+            current = _current_revision(conn)
+            _check_not_newer(url, script, current)
+            head = script.get_current_head()
+            if current != head:
+                log.info("Migrating the database %s to schema %s", where(url), head)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, "head")
+    except OperationalError as exc:
+        if sqlite.is_locked(exc):
+            raise
+        raise StoreError(f"Cannot open the database {where(url)}: {exc.orig}") from None
+
+
+def check_schema(engine: Engine, url: str) -> None:
+    """For readers: the schema must be the one this code knows."""
+    _cfg, script = alembic()
+    try:
+        with engine.connect() as conn:
+            current = _current_revision(conn)
+    except OperationalError as exc:
+        raise StoreError(f"Cannot open the database {where(url)}: {exc.orig}") from None
+    _check_not_newer(url, script, current)
+    if current != script.get_current_head():
+        raise StoreError(
+            f"The database {where(url)} is not at this cliptagd's schema yet: "
+            "start the daemon (cliptagd run) once to migrate it."
+        )

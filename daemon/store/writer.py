@@ -1,0 +1,508 @@
+"""The writing side of the tag database: the durable queue, results, moves, re-tags.
+
+Who writes: the daemon's main process (new, changed, moved and deleted photos, and the
+worker's results); its worker process (it migrates at start, and re-tags from stored
+embeddings when label sets changed); `cliptagd scan` and `cliptagd retag`. Each write is one
+short transaction that takes SQLite's write lock when it begins (see sqlite.py), and waits
+out another program that holds it (see `waits_for_locks`). The store reads no files: what
+it needs to know of the disk, its callers tell it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol, Self, TypeVar
+
+from sqlalchemy import Connection, delete, func, insert, or_, select, update
+
+from ..jobs import FileStat, Job, TagScore
+from ..models import VISIBLE, Embedding, LabelSetDigest, LabelTotal, Photo, Retag, Status, Tag
+from ..paths import display, folder_prefix, from_db, to_db
+from . import sqlite
+from .reader import Reader, at_or_under, under_folder
+from .schema import BUSY_TIMEOUT, migrate, waits_for_locks
+from .sqlite import CHUNK
+
+log = logging.getLogger(__name__)
+
+# A photo whose decoding failed in a way that may pass (still being written) waits this long
+# per attempt before it is tried again.
+RETRY_DELAY = timedelta(seconds=5)
+
+# A deleted photo's row (and tags) is kept this long, so the photo keeps its tags if it
+# reappears under another path (moved while the daemon was stopped, or to another disk).
+KEEP_DELETED = timedelta(days=30)
+
+# The photos the worker may hold: waiting for it, or re-encoded for a new model.
+_CLAIMABLE = (Status.PENDING, Status.STALE)
+
+# A claimed photo's row as `_job` reads it, oldest first.
+_JOBS = select(Photo.id, Photo.path, Photo.raw_path, Photo.size, Photo.mtime).order_by(Photo.id)
+
+
+class Result(Protocol):
+    """What `save_results` reads of one processed photo (the worker's jobs.Outcome)."""
+
+    @property
+    def job(self) -> Job: ...
+    @property
+    def tags(self) -> Sequence[TagScore]: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def retry(self) -> bool: ...
+    @property
+    def fingerprint(self) -> str | None: ...
+    @property
+    def embedding(self) -> bytes | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Saved:
+    """What `save_results` wrote: how many outcomes, and which photos failed for good."""
+
+    written: int
+    failed: frozenset[int]
+
+
+class Store(Reader):
+    """The tag database at `url`, for the processes that write it (created if missing)."""
+
+    readonly = False
+
+    def __init__(self, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
+        super().__init__(url, busy_timeout=busy_timeout)
+        self._writer = sqlite.writing(self.engine)
+
+    @classmethod
+    def open(cls, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> Self:
+        """Open the database at `url`, creating it or migrating it to this code's schema."""
+        store = cls(url, busy_timeout=busy_timeout)
+        try:
+            store.migrate()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def migrate(self) -> None:
+        """Create the schema or bring it up to date; refuse a database newer than this code."""
+        migrate(self._writer, self.url)
+
+    def close(self) -> None:
+        super().close()
+        if self.file is not None:
+            sqlite.leave_wal(self.file)
+
+    # -- the durable queue ----------------------------------------------------------------
+
+    @waits_for_locks
+    def enqueue(
+        self,
+        stats: Iterable[FileStat],
+        *,
+        fingerprint: Callable[[str], str] | None = None,
+        exists: Callable[[str], bool] | None = None,
+    ) -> int:
+        """Record new or changed files as pending; return how many became pending.
+
+        An unchanged file (same path, size and mtime) already tagged or failed is left alone,
+        so nothing is processed twice. Given `fingerprint` (of a file's content; OSError if
+        unreadable) and `exists` (of a path), a new path whose content is that of a photo
+        deleted, or no longer at its own path, is that photo moved: its row follows it,
+        tags and all. Without them, every new path is a new photo.
+        """
+        queued = 0
+        for chunk in _chunks(stats, CHUNK):
+            by_path = {display(stat.path): stat for stat in chunk}
+            now = _now()
+            with self._writer.begin() as conn:
+                existing = {
+                    row.path: row
+                    for row in conn.execute(
+                        select(Photo.id, Photo.path, Photo.size, Photo.mtime, Photo.status).where(
+                            Photo.path.in_(list(by_path))
+                        )
+                    )
+                }
+                new = [stat for path, stat in by_path.items() if path not in existing]
+                moved: set[str] = set()
+                if new and fingerprint is not None and exists is not None:
+                    moved = self._recognise_moves(conn, new, fingerprint, exists)
+                new_rows = []
+                for key, stat in by_path.items():
+                    row = existing.get(key)
+                    file = {"size": stat.size, "mtime": stat.mtime}
+                    if stat.path in moved:
+                        continue
+                    if row is None:
+                        text, raw = to_db(stat.path)
+                        new_rows.append(_queued(now) | file | {"path": text, "raw_path": raw})
+                    elif (row.size, row.mtime) != (stat.size, stat.mtime):
+                        changed = _queued(now) | file
+                        conn.execute(update(Photo).where(Photo.id == row.id).values(changed))
+                    elif row.status == Status.DELETED:
+                        # Put back unchanged (restored from a trash, say): its tags hold.
+                        restored = {"status": Status.TAGGED, "deleted_at": None}
+                        conn.execute(update(Photo).where(Photo.id == row.id).values(restored))
+                        continue
+                    else:
+                        continue
+                    queued += 1
+                if new_rows:
+                    conn.execute(insert(Photo), new_rows)
+        return queued
+
+    def _recognise_moves(
+        self,
+        conn: Connection,
+        new: Sequence[FileStat],
+        fingerprint: Callable[[str], str],
+        exists: Callable[[str], bool],
+    ) -> set[str]:
+        """Among files at new paths, those that are a tagged photo gone from its own path:
+        move its row to them and return their paths. Only files whose size matches such a
+        photo's are fingerprinted, so most new photos cost one indexed lookup."""
+        candidates: dict[int, list[Any]] = {}
+        for row in conn.execute(
+            select(
+                Photo.id, Photo.path, Photo.raw_path, Photo.size, Photo.fingerprint, Photo.status
+            ).where(
+                Photo.size.in_({stat.size for stat in new}),
+                Photo.fingerprint.is_not(None),
+                Photo.status.in_([*VISIBLE, Status.DELETED]),
+            )
+        ):
+            candidates.setdefault(row.size, []).append(row)
+        moved: set[str] = set()
+        taken: set[int] = set()
+        for stat in new:
+            rows = [row for row in candidates.get(stat.size, ()) if row.id not in taken]
+            if not rows:
+                continue
+            try:
+                print_ = fingerprint(stat.path)
+            except OSError:
+                continue
+            for row in rows:
+                if row.fingerprint != print_:
+                    continue
+                # A tagged photo still at its path was copied, not moved: tag the copy.
+                if row.status != Status.DELETED and exists(from_db(row.path, row.raw_path)):
+                    continue
+                text, raw = to_db(stat.path)
+                status = Status.TAGGED if row.status == Status.DELETED else row.status
+                conn.execute(
+                    update(Photo)
+                    .where(Photo.id == row.id)
+                    .values(
+                        path=text, raw_path=raw, mtime=stat.mtime, status=status, deleted_at=None
+                    )
+                )
+                log.info("Recognised %s as %s, moved: tags kept", display(stat.path), row.path)
+                moved.add(stat.path)
+                taken.add(row.id)
+                break
+        return moved
+
+    @waits_for_locks
+    def claim(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
+        """Up to `limit` photos to process, not among `exclude`: pending ones that are due,
+        oldest first, then stale ones (tagged by another model)."""
+        jobs: list[Job] = []
+        for status, due in ((Status.PENDING, True), (Status.STALE, False)):
+            if len(jobs) >= limit:
+                break
+            query = _JOBS.where(Photo.status == status).limit(limit - len(jobs))
+            if due:
+                query = query.where((Photo.retry_at.is_(None)) | (Photo.retry_at <= _now()))
+            if exclude:
+                query = query.where(Photo.id.not_in(list(exclude)))
+            with self.engine.connect() as conn:
+                jobs += [_job(row) for row in conn.execute(query)]
+        return jobs
+
+    @waits_for_locks
+    def claim_ids(self, photo_ids: Collection[int], limit: int) -> list[Job]:
+        """Up to `limit` of the given photos that are still pending."""
+        claimable = Photo.id.in_(list(photo_ids)) & Photo.status.in_(_CLAIMABLE)
+        query = _JOBS.where(claimable).limit(limit)
+        with self.engine.connect() as conn:
+            return [_job(row) for row in conn.execute(query)]
+
+    @waits_for_locks
+    def save_results(
+        self,
+        results: Sequence[Result],
+        model_id: str,
+        max_attempts: int,
+        failed_with: str | None = None,
+    ) -> Saved:
+        """Write one batch of results in one transaction; say how many were written and
+        which photos failed for good (out of attempts, or a failure that cannot pass).
+
+        A result for a file that changed (or was removed) while it was being processed is
+        dropped: the row is pending again with the new size and mtime and will be redone.
+        `failed_with` records what a failure happened under (see `retry_failed`).
+        """
+        written, failed = 0, set()
+        now = _now()
+        with self._writer.begin() as conn:
+            for result in results:
+                job = result.job
+                current = (
+                    (Photo.id == job.photo_id)
+                    & (Photo.size == job.size)
+                    & (Photo.mtime == job.mtime)
+                    & (Photo.status.in_(_CLAIMABLE))
+                )
+                values: dict[str, Any]
+                if result.error is None:
+                    values = {
+                        "status": Status.TAGGED,
+                        "error": None,
+                        "model_id": model_id,
+                        "tagged_at": now,
+                        "retry_at": None,
+                        "fingerprint": result.fingerprint,
+                    }
+                else:
+                    attempts = conn.scalar(select(Photo.attempts).where(current))
+                    if attempts is None:
+                        continue
+                    attempts += 1
+                    again = result.retry and attempts < max_attempts
+                    values = {
+                        "status": Status.PENDING if again else Status.FAILED,
+                        "error": result.error,
+                        "attempts": attempts,
+                        "tagged_at": now,
+                        "retry_at": now + RETRY_DELAY * attempts if again else None,
+                        "failed_with": None if again else failed_with,
+                    }
+                if conn.execute(update(Photo).where(current).values(values)).rowcount != 1:
+                    continue
+                written += 1
+                if values["status"] == Status.FAILED:
+                    failed.add(job.photo_id)
+                if result.embedding is not None:
+                    conn.execute(
+                        sqlite.upsert(
+                            Embedding,
+                            "photo_id",
+                            photo_id=job.photo_id,
+                            model_id=model_id,
+                            vector=result.embedding,
+                        )
+                    )
+                conn.execute(delete(Tag).where(Tag.photo_id == job.photo_id))
+                _insert_tags(conn, [job.photo_id], [result.tags])
+        return Saved(written, frozenset(failed))
+
+    @waits_for_locks
+    def record_crash(
+        self,
+        photo_ids: Collection[int],
+        reason: str,
+        max_attempts: int,
+        failed_with: str | None = None,
+    ) -> int:
+        """The worker died holding these photos: count an attempt; fail those out of attempts.
+
+        Returns how many were failed (quarantined), so a photo that kills the worker every
+        time stops being retried.
+        """
+        if not photo_ids:
+            return 0
+        now = _now()
+        with self._writer.begin() as conn:
+            held = Photo.id.in_(list(photo_ids)) & Photo.status.in_(_CLAIMABLE)
+            conn.execute(update(Photo).where(held).values(attempts=Photo.attempts + 1))
+            failed = conn.execute(
+                update(Photo)
+                .where(held & (Photo.attempts >= max_attempts))
+                .values(status=Status.FAILED, error=reason, tagged_at=now, failed_with=failed_with)
+            )
+            return failed.rowcount
+
+    @waits_for_locks
+    def retry_failed(self, failed_with: str | None = None, under: Sequence[str] = ()) -> int:
+        """Queue failed photos again: those that failed under other conditions than
+        `failed_with` (a decoder installed since, a limit raised, another model), or every
+        one when it is None; only under the folders `under` if given. Return the count."""
+        where = [Photo.status == Status.FAILED]
+        if failed_with is not None:
+            where.append(or_(Photo.failed_with.is_(None), Photo.failed_with != failed_with))
+        if under:
+            where.append(or_(*map(under_folder, under)))
+        with self._writer.begin() as conn:
+            return conn.execute(update(Photo).where(*where).values(_queued(_now()))).rowcount
+
+    # -- files that moved or went away ----------------------------------------------------
+
+    @waits_for_locks
+    def move(self, src: str, dest: str) -> int:
+        """A file or folder was renamed: its rows (and so its tags) follow; return the count."""
+        src_prefix, dest_prefix = folder_prefix(src), folder_prefix(dest)
+        with self._writer.begin() as conn:
+            rows = conn.execute(
+                select(Photo.id, Photo.path, Photo.raw_path).where(at_or_under(src))
+            )
+            moves: dict[int, tuple[str, bytes | None]] = {}
+            for row in rows:
+                old = from_db(row.path, row.raw_path)
+                moves[row.id] = to_db(dest if old == src else dest_prefix + old[len(src_prefix) :])
+            if not moves:
+                return 0
+            # Whatever was at the destination was replaced by the move.
+            conn.execute(
+                delete(Photo).where(
+                    Photo.path.in_([text for text, _ in moves.values()]), Photo.id.not_in(moves)
+                )
+            )
+            for photo_id, (text, raw) in moves.items():
+                conn.execute(
+                    update(Photo).where(Photo.id == photo_id).values(path=text, raw_path=raw)
+                )
+            return len(moves)
+
+    @waits_for_locks
+    def remove(self, path: str) -> int:
+        """Mark a deleted file, or every file under a deleted folder, as deleted: out of every
+        query, kept a while in case it reappears elsewhere. Return the count."""
+        gone = at_or_under(path)
+        with self._writer.begin() as conn:
+            # Only a tagged photo is worth keeping: anything else is simply redone if it
+            # comes back.
+            dropped = conn.execute(
+                delete(Photo).where(gone, Photo.status.in_([Status.PENDING, Status.FAILED]))
+            )
+            kept = conn.execute(
+                update(Photo)
+                .where(gone, Photo.status.in_(VISIBLE))
+                .values(status=Status.DELETED, deleted_at=_now())
+            )
+            return dropped.rowcount + kept.rowcount
+
+    @waits_for_locks
+    def purge_deleted(self, older_than: timedelta = KEEP_DELETED) -> int:
+        """Drop the rows of photos deleted more than `older_than` ago; return the count."""
+        with self._writer.begin() as conn:
+            result = conn.execute(
+                delete(Photo).where(
+                    Photo.status == Status.DELETED, Photo.deleted_at < _now() - older_than
+                )
+            )
+            return result.rowcount
+
+    # -- re-tagging from stored embeddings --------------------------------------------------
+
+    @waits_for_locks
+    def mark_stale(self, model_id: str) -> int:
+        """Photos tagged by another model than `model_id` are queued to be encoded again
+        (keeping their tags meanwhile); those back on their own model need nothing.
+        Return how many are stale."""
+        current = select(Embedding.photo_id).where(Embedding.model_id == model_id)
+        with self._writer.begin() as conn:
+            conn.execute(
+                update(Photo)
+                .where(Photo.status == Status.TAGGED, Photo.id.not_in(current))
+                .values(status=Status.STALE)
+            )
+            conn.execute(
+                update(Photo)
+                .where(Photo.status == Status.STALE, Photo.id.in_(current))
+                .values(status=Status.TAGGED)
+            )
+            return int(conn.scalar(select(func.count()).where(Photo.status == Status.STALE)) or 0)
+
+    @waits_for_locks
+    def replace_tags(
+        self,
+        label_sets: Collection[str],
+        photo_ids: Sequence[int],
+        tags: Sequence[Sequence[TagScore]],
+    ) -> None:
+        """Replace the tags of `label_sets` on these photos, in one transaction."""
+        with self._writer.begin() as conn:
+            for start in range(0, len(photo_ids), CHUNK):
+                conn.execute(
+                    delete(Tag).where(
+                        Tag.label_set.in_(list(label_sets)),
+                        Tag.photo_id.in_(photo_ids[start : start + CHUNK]),
+                    )
+                )
+            _insert_tags(conn, photo_ids, tags)
+
+    @waits_for_locks
+    def set_label_set_digest(self, name: str, digest: str) -> None:
+        """Record what the tags of the set `name` were computed with (see retag.py)."""
+        with self._writer.begin() as conn:
+            conn.execute(sqlite.upsert(LabelSetDigest, "name", name=name, digest=digest))
+
+    @waits_for_locks
+    def record_retag(self, ok: bool, message: str) -> None:
+        """Record that a re-tag finished (or failed), for `status`."""
+        with self._writer.begin() as conn:
+            conn.execute(insert(Retag).values(finished_at=_now(), ok=ok, message=message))
+
+    @waits_for_locks
+    def forget_label_sets(self, names: Collection[str]) -> int:
+        """Drop every tag of these sets (removed from the config); return how many."""
+        with self._writer.begin() as conn:
+            conn.execute(delete(LabelSetDigest).where(LabelSetDigest.name.in_(list(names))))
+            removed = conn.execute(delete(Tag).where(Tag.label_set.in_(list(names)))).rowcount
+            conn.execute(delete(LabelTotal).where(LabelTotal.label_set.in_(list(names))))
+            return removed
+
+
+def _now() -> datetime:
+    # Stored as naive UTC: SQLite has no time zones, and naive values compare correctly.
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _queued(now: datetime) -> dict[str, Any]:
+    """The columns of a photo queued afresh: pending, every past attempt forgotten."""
+    return {
+        "status": Status.PENDING,
+        "error": None,
+        "attempts": 0,
+        "retry_at": None,
+        "queued_at": now,
+        "deleted_at": None,
+        "failed_with": None,
+    }
+
+
+def _job(row: Any) -> Job:
+    return Job(row.id, from_db(row.path, row.raw_path), row.size, row.mtime)
+
+
+def _insert_tags(
+    conn: Connection, photo_ids: Sequence[int], tags: Sequence[Sequence[TagScore]]
+) -> None:
+    """Insert the tags `tags[i]` of each photo `photo_ids[i]`."""
+    rows = [
+        {"photo_id": photo_id, "label_set": t.label_set, "label": t.label, "score": t.score}
+        for photo_id, scores in zip(photo_ids, tags, strict=True)
+        for t in scores
+    ]
+    if rows:
+        conn.execute(insert(Tag), rows)
+
+
+T = TypeVar("T")
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -56,7 +56,19 @@ def config_option(func: F) -> F:
     )(func)
 
 
+def _choose_format(formats: Sequence[str], help_text: str) -> Callable[[F], F]:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(formats),
+        default="table",
+        show_default=True,
+        help=help_text,
+    )
+
+
 def format_option(func: F) -> F:
+    """--format for commands that list photos, with -0 for their paths."""
     func = click.option(
         "-0",
         "--print0",
@@ -64,25 +76,16 @@ def format_option(func: F) -> F:
         help="With --format paths: end each path with a NUL byte instead of a newline "
         "(for xargs -0; file names may hold newlines).",
     )(func)
-    return click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(FORMATS),
-        default="table",
-        show_default=True,
-        help="table for people; json, csv or paths (one absolute path a line) for programs.",
-    )(func)
+    choose = _choose_format(
+        FORMATS,
+        "table for people; json, csv or paths (one absolute path a line) for programs.",
+    )
+    return choose(func)
 
 
 def data_format_option(func: F) -> F:
-    return click.option(
-        "--format",
-        "fmt",
-        type=click.Choice(DATA_FORMATS),
-        default="table",
-        show_default=True,
-        help="table for people; json or csv for programs.",
-    )(func)
+    """--format for commands that list no photos."""
+    return _choose_format(DATA_FORMATS, "table for people; json or csv for programs.")(func)
 
 
 class Failure(click.ClickException):
@@ -482,14 +485,7 @@ def labels(config_path: Path | None, fmt: str) -> None:
 
 @cli.command()
 @config_option
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="table for people, json for programs.",
-)
+@_choose_format(("table", "json"), "table for people, json for programs.")
 def status(config_path: Path | None, fmt: str) -> None:
     """Show how many photos are pending, tagged, failed, stale and deleted, and the latest
     failures with their reasons.

@@ -1,7 +1,9 @@
 """The worker process: owns the model, decodes photos in threads, tags them in batches.
 
-The parent (the pipeline) talks to it through two queues: jobs in, messages out. The worker
-never touches the database; the parent stays its only writer.
+The parent (the pipeline) talks to it through two queues: jobs in, messages out; the parent
+writes every result. The worker opens the database once, as it starts: it migrates the schema
+if the parent has not yet, re-tags changed label sets from the stored embeddings, and records
+how that ended (see retag.py).
 
 Inside the worker, decode threads turn jobs into preprocessed tensors while the model runs on
 the previous batch; the model loop takes a batch when it is full, or when its first photo has

@@ -1,8 +1,9 @@
 """The tables of the tag database (SQLAlchemy 2.0 typed models).
 
-The schema is meant to be read without cliptagd too: `photos`, `tags`, and the view
-`photo_tags` (path, label_set, label, score, tagged_at of tagged photos; made by the first
-migration) for sqlite3, Datasette or pandas.
+The schema is meant to be read without cliptagd too: `photos`, `tags` (what the model
+computed), `decisions` (what people decided), and the view `photo_tags` (path, label_set,
+label, score, tagged_at, decided: the tags shown, decisions applied; see migration 0006) for
+sqlite3, Datasette or pandas.
 """
 
 from __future__ import annotations
@@ -125,6 +126,65 @@ class LabelTotal(Base):
     label_set: Mapped[str] = mapped_column(Text, primary_key=True)
     label: Mapped[str] = mapped_column(Text, primary_key=True)
     count: Mapped[int] = mapped_column(Integer)
+
+
+class Action(StrEnum):
+    ADDED = "added"
+    REMOVED = "removed"
+
+
+class Decision(Base):
+    """A person's decision on one tag of one photo: added or removed, from the CLI, the web
+    page, or a keyword removed from a sidecar. Kept apart from the computed `tags`, so a
+    re-tag or a re-encode never undoes it; the reader applies it (store/reader.py). One row
+    per photo, set and label: a later decision replaces an earlier one."""
+
+    __tablename__ = "decisions"
+
+    photo_id: Mapped[int] = mapped_column(
+        ForeignKey("photos.id", ondelete="CASCADE"), primary_key=True
+    )
+    label_set: Mapped[str] = mapped_column(Text, primary_key=True)
+    label: Mapped[str] = mapped_column(Text, primary_key=True)
+    action: Mapped[str] = mapped_column(String(8))
+    source: Mapped[str] = mapped_column(String(16))
+    # An added label of a single-label set takes the place of the computed one.
+    replaces: Mapped[bool] = mapped_column(Boolean, default=False)
+    decided_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class SidecarOutbox(Base):
+    """Photos whose XMP sidecar must be written: filled in the same transaction as the tags
+    or decisions that call for it, drained by one writer (sidecars.py), so a crash between
+    the commit and the file write loses nothing and a slow disk never holds the database."""
+
+    __tablename__ = "sidecar_outbox"
+
+    photo_id: Mapped[int] = mapped_column(
+        ForeignKey("photos.id", ondelete="CASCADE"), primary_key=True
+    )
+    queued_at: Mapped[datetime] = mapped_column(DateTime)
+
+
+class Sidecar(Base):
+    """What cliptagd last wrote into one XMP sidecar: its size and mtime then (a difference
+    means someone else changed it), the keywords cliptagd added (the only ones it ever
+    removes), whether cliptagd created the file, and the problem that keeps it from writing."""
+
+    __tablename__ = "sidecars"
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    raw_path: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
+    # The photo it was last written for: a sidecar that moved with its photo is recognised.
+    photo_id: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
+    size: Mapped[int | None] = mapped_column(Integer, default=None)
+    mtime_ns: Mapped[int | None] = mapped_column(Integer, default=None)
+    created: Mapped[bool] = mapped_column(Boolean, default=False)
+    owned: Mapped[str] = mapped_column(Text, default="{}")  # xmp.Owned as JSON
+    problem: Mapped[str | None] = mapped_column(Text, default=None)
+    # Times a tool rewrote it without cliptagd's namespace (its keywords were put back).
+    restored: Mapped[int] = mapped_column(Integer, default=0)
+    updated_at: Mapped[datetime] = mapped_column(DateTime)
 
 
 class Retag(Base):

@@ -9,24 +9,28 @@ waits and tries again (schema.waits_for_locks).
 
     schema.py   the URL and file, the engine, waiting out locks, migrations
     sqlite.py   what is SQLite's own: PRAGMAs, BEGIN IMMEDIATE, upserts, the journal
-    reader.py   queries, tags, labels, counts, stored embeddings (read-only)
-    writer.py   the durable queue, results, moves and deletions, re-tags
+    reader.py   queries, tags (people's decisions applied), labels, counts, stored embeddings
+    writer.py   the durable queue, results, moves and deletions, re-tags, decisions, and
+                the sidecar outbox
 """
 
-from .reader import LabelCount, PhotoState, Reader, RetagState, TagQuery, TagRow
+from .reader import LabelCount, PhotoState, Reader, RetagState, SidecarState, TagQuery, TagRow
 from .schema import BUSY_TIMEOUT, StoreError, UnsupportedDatabase, sqlite_file, waits_for_locks
-from .writer import KEEP_DELETED, RETRY_DELAY, Result, Saved, Store
+from .writer import KEEP_DELETED, RETRY_DELAY, PhotoRow, Result, Saved, SidecarRecord, Store
 
 __all__ = [
     "BUSY_TIMEOUT",
     "KEEP_DELETED",
     "RETRY_DELAY",
     "LabelCount",
+    "PhotoRow",
     "PhotoState",
     "Reader",
     "Result",
     "RetagState",
     "Saved",
+    "SidecarRecord",
+    "SidecarState",
     "Store",
     "StoreError",
     "TagQuery",

@@ -12,9 +12,32 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal, Self
 
-from sqlalchemy import ColumnElement, func, or_, select
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Subquery,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+)
 
-from ..models import VISIBLE, Embedding, LabelSetDigest, LabelTotal, Photo, Retag, Status, Tag
+from ..models import (
+    VISIBLE,
+    Action,
+    Decision,
+    Embedding,
+    LabelSetDigest,
+    LabelTotal,
+    Photo,
+    Retag,
+    Sidecar,
+    SidecarOutbox,
+    Status,
+    Tag,
+)
 from ..paths import display, folder_prefix, from_db
 from .schema import BUSY_TIMEOUT, check_schema, open_engine, waits_for_locks
 from .sqlite import CHUNK
@@ -26,6 +49,7 @@ class TagRow:
     label_set: str
     label: str
     score: float
+    decided: bool = False  # a person added it (its score is then 1.0)
 
 
 @dataclass(frozen=True)
@@ -78,12 +102,64 @@ def at_or_under(path: str) -> ColumnElement[bool]:
     return (Photo.path == display(path)) | under_folder(path)
 
 
-# The tags of the photos the queries show, as the columns `_tag_row` reads.
-_TAG_ROWS = (
-    select(Photo.path, Photo.raw_path, Tag.label_set, Tag.label, Tag.score)
-    .join(Photo, Photo.id == Tag.photo_id)
-    .where(Photo.status.in_(VISIBLE))
+@dataclass(frozen=True, slots=True)
+class SidecarState:
+    """A sidecar cliptagd could not write, and why (for `status`)."""
+
+    path: str
+    problem: str
+
+
+# The tags shown: people's decisions applied to the computed tags. This is the one place
+# that applies them, so queries, `tags`, label counts and sidecars agree (migration 0006's
+# `photo_tags` view says the same in SQL for other tools). A computed tag is hidden by a
+# decision on it, or by a label added to its set in place of the computed one (single
+# sets); every added label is shown at 1.0.
+_COMPUTED = select(
+    Tag.photo_id, Tag.label_set, Tag.label, Tag.score, literal(False).label("decided")
 )
+_EFFECTIVE = union_all(
+    _COMPUTED.where(
+        ~exists().where(
+            Decision.photo_id == Tag.photo_id,
+            Decision.label_set == Tag.label_set,
+            (Decision.label == Tag.label) | (Decision.replaces & (Decision.action == Action.ADDED)),
+        )
+    ),
+    select(
+        Decision.photo_id,
+        Decision.label_set,
+        Decision.label,
+        literal(1.0).label("score"),
+        literal(True).label("decided"),
+    ).where(Decision.action == Action.ADDED),
+)
+
+
+def shown_tags(conn: Connection) -> Subquery:
+    """The tags shown (photo_id, label_set, label, score, decided), as a subquery. With no
+    decision in the database (most of them) it is the tags table itself, so a query for
+    one tag reads straight from its index in score order."""
+    if conn.scalar(select(Decision.photo_id).limit(1)) is None:
+        return _COMPUTED.subquery("shown")
+    return _EFFECTIVE.subquery("shown")
+
+
+def _tag_rows(shown: Subquery) -> Any:
+    """The shown tags of the photos the queries show, as the columns `_tag_row` reads."""
+    return (
+        select(
+            Photo.id,
+            Photo.path,
+            Photo.raw_path,
+            shown.c.label_set,
+            shown.c.label,
+            shown.c.score,
+            shown.c.decided,
+        )
+        .join(Photo, Photo.id == shown.c.photo_id)
+        .where(Photo.status.in_(VISIBLE))
+    )
 
 
 class Reader:
@@ -119,7 +195,9 @@ class Reader:
     def close(self) -> None:
         self.engine.dispose()
 
-    def _pages(self, stmt: Any, key: Any, after: int, size: int = CHUNK) -> Iterator[Sequence[Any]]:
+    def _pages(
+        self, stmt: Any, key: Any, after: int | str, size: int = CHUNK
+    ) -> Iterator[Sequence[Any]]:
         """The rows of `stmt` whose `key` (a selected column) is past `after`, by `key`,
         `size` at a time: each page is a short read of its own, so a long walk neither holds
         a read transaction open nor keeps the writer from checkpointing."""
@@ -166,63 +244,48 @@ class Reader:
     def query(self, q: TagQuery) -> list[TagRow]:
         """Photos matching `q`: one row per asked tag a matching photo carries (every tag
         when none is asked), by `q.sort`, at most `q.limit` photos."""
-
-        def carrying(labels: Collection[str], scored: bool = True) -> Any:
-            sub = select(Tag.photo_id).where(Tag.label.in_(list(labels)))
-            if q.label_set is not None:
-                sub = sub.where(Tag.label_set == q.label_set)
-            if scored and q.min_score is not None:
-                sub = sub.where(Tag.score >= q.min_score)
-            return sub
-
-        asked = [*q.tags, *q.any_tags]
-        stmt = _TAG_ROWS
-        if asked:
-            stmt = stmt.where(Tag.label.in_(asked))
-        if q.label_set is not None:
-            stmt = stmt.where(Tag.label_set == q.label_set)
-        if q.min_score is not None:
-            stmt = stmt.where(Tag.score >= q.min_score)
-        # One tag alone drives the query through its index; with others, each is required.
-        for label in q.tags if len(asked) > 1 else ():
-            stmt = stmt.where(Photo.id.in_(carrying([label])))
-        if q.any_tags and q.tags:
-            stmt = stmt.where(Photo.id.in_(carrying(q.any_tags)))
-        if q.not_tags:
-            stmt = stmt.where(Photo.id.not_in(carrying(q.not_tags, scored=False)))
-        if q.under is not None:
-            stmt = stmt.where(under_folder(q.under))
-        if q.since is not None:
-            stmt = stmt.where(Photo.mtime >= q.since)
-        if q.until is not None:
-            stmt = stmt.where(Photo.mtime < q.until)
-        order = {
-            "score": (Tag.score.desc(), Photo.path),
-            "time": (Photo.mtime.desc(), Photo.path, Tag.score.desc()),
-            "path": (Photo.path, Tag.score.desc()),
-        }[q.sort]
-        if q.limit is not None and len(asked) == 1:
-            stmt = stmt.limit(q.limit)  # one row per photo: straight from the index
-        elif q.limit is not None:
-            # Several rows per photo: pick the photos first, then all their rows.
-            best = {
-                "score": (func.max(Tag.score).desc(), Photo.path),
-                "time": (Photo.mtime.desc(), Photo.path),
-                "path": (Photo.path,),
-            }[q.sort]
-            photos = (
-                stmt.with_only_columns(Photo.id).group_by(Photo.id).order_by(*best).limit(q.limit)
-            )
-            stmt = stmt.where(Photo.id.in_(photos))
         with self.engine.connect() as conn:
-            return [_tag_row(row) for row in conn.execute(stmt.order_by(*order))]
+            return [_tag_row(row) for row in conn.execute(_query(q, shown_tags(conn)))]
 
     def tags_for(self, paths: Sequence[str]) -> list[TagRow]:
         """The tags of the given photos, by path, then set, best score first."""
         asked = Photo.path.in_([display(p) for p in paths])
-        stmt = _TAG_ROWS.where(asked).order_by(Photo.path, Tag.label_set, Tag.score.desc())
         with self.engine.connect() as conn:
+            shown = shown_tags(conn)
+            stmt = _tag_rows(shown).where(asked)
+            stmt = stmt.order_by(Photo.path, shown.c.label_set, shown.c.score.desc())
             return [_tag_row(row) for row in conn.execute(stmt)]
+
+    def tags_of_ids(self, photo_ids: Collection[int]) -> dict[int, list[TagRow]]:
+        """The shown tags of the given photos (those the queries show), by photo id."""
+        out: dict[int, list[TagRow]] = {}
+        with self.engine.connect() as conn:
+            shown = shown_tags(conn)
+            stmt = _tag_rows(shown).where(Photo.id.in_(list(photo_ids)))
+            for row in conn.execute(stmt.order_by(shown.c.label_set, shown.c.score.desc())):
+                out.setdefault(row.id, []).append(_tag_row(row))
+        return out
+
+    def decisions_for(self, paths: Sequence[str]) -> list[tuple[str, str, str, str, str]]:
+        """People's decisions on the given photos: (path, set, label, action, source)."""
+        stmt = (
+            select(
+                Photo.path,
+                Photo.raw_path,
+                Decision.label_set,
+                Decision.label,
+                Decision.action,
+                Decision.source,
+            )
+            .join(Photo, Photo.id == Decision.photo_id)
+            .where(Photo.path.in_([display(p) for p in paths]))
+            .order_by(Photo.path, Decision.label_set, Decision.label)
+        )
+        with self.engine.connect() as conn:
+            return [
+                (from_db(r.path, r.raw_path), r.label_set, r.label, r.action, r.source)
+                for r in conn.execute(stmt)
+            ]
 
     def photos(self, paths: Sequence[str]) -> dict[str, PhotoState]:
         """What the database knows of each of `paths` (absent when it knows nothing)."""
@@ -247,14 +310,60 @@ class Reader:
     # -- labels -----------------------------------------------------------------------------
 
     def labels(self) -> list[LabelCount]:
-        """Every label in use with its number of photos, per set (kept by triggers)."""
-        stmt = (
-            select(LabelTotal.label_set, LabelTotal.label, LabelTotal.count)
-            .where(LabelTotal.count > 0)
-            .order_by(LabelTotal.label_set, LabelTotal.count.desc(), LabelTotal.label)
-        )
+        """Every label in use with its number of photos, per set: the counts the triggers
+        keep of the computed tags, corrected for the few photos people decided on."""
+        totals: dict[tuple[str, str], int] = {}
         with self.engine.connect() as conn:
-            return [LabelCount(*row) for row in conn.execute(stmt)]
+            for row in conn.execute(
+                select(LabelTotal.label_set, LabelTotal.label, LabelTotal.count)
+            ):
+                totals[row.label_set, row.label] = int(row[2])
+            decided = select(Decision.photo_id).distinct()
+            for sign, source in ((-1, _COMPUTED.subquery()), (1, _EFFECTIVE.subquery())):
+                stmt = (
+                    select(source.c.label_set, source.c.label, func.count().label("n"))
+                    .join(Photo, Photo.id == source.c.photo_id)
+                    .where(Photo.status.in_(VISIBLE), source.c.photo_id.in_(decided))
+                    .group_by(source.c.label_set, source.c.label)
+                )
+                for row in conn.execute(stmt):
+                    key = (row.label_set, row.label)
+                    totals[key] = totals.get(key, 0) + sign * int(row.n)
+        ranked = sorted(totals.items(), key=lambda item: (item[0][0], -item[1], item[0][1]))
+        return [LabelCount(name, label, n) for (name, label), n in ranked if n > 0]
+
+    # -- sidecars -------------------------------------------------------------------------
+
+    def sidecar_problems(self, limit: int = 20) -> tuple[int, list[SidecarState]]:
+        """How many sidecars cliptagd could not write, and the latest `limit` of them."""
+        failing = Sidecar.problem.is_not(None)
+        with self.engine.connect() as conn:
+            total = int(conn.scalar(select(func.count()).where(failing)) or 0)
+            rows = conn.execute(
+                select(Sidecar.path, Sidecar.raw_path, Sidecar.problem)
+                .where(failing)
+                .order_by(Sidecar.updated_at.desc())
+                .limit(limit)
+            )
+            return total, [SidecarState(from_db(r.path, r.raw_path), r.problem) for r in rows]
+
+    def sidecar_records(self) -> int:
+        """How many sidecars cliptagd wrote or tried to write."""
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(Sidecar)) or 0)
+
+    def sidecar_counts(self) -> dict[str, int]:
+        """Sidecars written, waiting to be written, and put back after a tool rewrote them
+        without cliptagd's namespace (for `status`)."""
+        with self.engine.connect() as conn:
+            written = conn.scalar(select(func.count()).where(Sidecar.problem.is_(None)))
+            waiting = conn.scalar(select(func.count()).select_from(SidecarOutbox))
+            restored = conn.scalar(select(func.coalesce(func.sum(Sidecar.restored), 0)))
+        return {
+            "written": int(written or 0),
+            "waiting": int(waiting or 0),
+            "restored": int(restored or 0),
+        }
 
     def last_retag(self) -> RetagState | None:
         """The last re-tag that finished or failed (the daemon's, or `cliptagd retag`'s)."""
@@ -346,8 +455,61 @@ class Reader:
             return {from_db(row.path, row.raw_path): row.vector for row in conn.execute(stmt)}
 
 
+def _query(q: TagQuery, shown: Subquery) -> Any:
+    """The statement `Reader.query` runs over the shown tags."""
+    label, label_set, score = shown.c.label, shown.c.label_set, shown.c.score
+
+    def carrying(labels: Collection[str], scored: bool = True) -> Any:
+        sub = select(shown.c.photo_id).where(label.in_(list(labels)))
+        if q.label_set is not None:
+            sub = sub.where(label_set == q.label_set)
+        if scored and q.min_score is not None:
+            sub = sub.where(score >= q.min_score)
+        return sub
+
+    asked = [*q.tags, *q.any_tags]
+    stmt = _tag_rows(shown)
+    if asked:
+        stmt = stmt.where(label.in_(asked))
+    if q.label_set is not None:
+        stmt = stmt.where(label_set == q.label_set)
+    if q.min_score is not None:
+        stmt = stmt.where(score >= q.min_score)
+    # One tag alone drives the query through its index; with others, each is required.
+    for one in q.tags if len(asked) > 1 else ():
+        stmt = stmt.where(Photo.id.in_(carrying([one])))
+    if q.any_tags and q.tags:
+        stmt = stmt.where(Photo.id.in_(carrying(q.any_tags)))
+    if q.not_tags:
+        stmt = stmt.where(Photo.id.not_in(carrying(q.not_tags, scored=False)))
+    if q.under is not None:
+        stmt = stmt.where(under_folder(q.under))
+    if q.since is not None:
+        stmt = stmt.where(Photo.mtime >= q.since)
+    if q.until is not None:
+        stmt = stmt.where(Photo.mtime < q.until)
+    order = {
+        "score": (score.desc(), Photo.path),
+        "time": (Photo.mtime.desc(), Photo.path, score.desc()),
+        "path": (Photo.path, score.desc()),
+    }[q.sort]
+    if q.limit is not None and len(asked) == 1:
+        stmt = stmt.limit(q.limit)  # one row per photo: straight from the index
+    elif q.limit is not None:
+        # Several rows per photo: pick the photos first, then all their rows.
+        best = {
+            "score": (func.max(score).desc(), Photo.path),
+            "time": (Photo.mtime.desc(), Photo.path),
+            "path": (Photo.path,),
+        }[q.sort]
+        photos = stmt.with_only_columns(Photo.id).group_by(Photo.id).order_by(*best).limit(q.limit)
+        stmt = stmt.where(Photo.id.in_(photos))
+    return stmt.order_by(*order)
+
+
 def _tag_row(row: Any) -> TagRow:
-    return TagRow(from_db(row.path, row.raw_path), row.label_set, row.label, row.score)
+    path = from_db(row.path, row.raw_path)
+    return TagRow(path, row.label_set, row.label, row.score, bool(row.decided))
 
 
 def _photo_state(row: Any) -> PhotoState:

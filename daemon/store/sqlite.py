@@ -86,11 +86,19 @@ def is_locked(exc: OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
-def upsert(table: type[Any], key: str, **values: Any) -> Insert:
+def upsert(table: type[Any], key: str | tuple[str, ...], **values: Any) -> Insert:
     """Insert the row `values` into `table`, or update the row with the same `key` (a
-    unique column) to them."""
-    update = {name: value for name, value in values.items() if name != key}
-    return insert(table).values(values).on_conflict_do_update(index_elements=[key], set_=update)
+    unique column, or columns) to them."""
+    keys = (key,) if isinstance(key, str) else key
+    update = {name: value for name, value in values.items() if name not in keys}
+    return insert(table).values(values).on_conflict_do_update(index_elements=keys, set_=update)
+
+
+def upsert_rows(table: type[Any], key: str, rows: list[dict[str, Any]]) -> Insert:
+    """Insert `rows` into `table`, updating the rows with the same `key` to them."""
+    stmt = insert(table).values(rows)
+    update = {name: stmt.excluded[name] for name in rows[0] if name != key}
+    return stmt.on_conflict_do_update(index_elements=[key], set_=update)
 
 
 def leave_wal(file: Path) -> None:

@@ -19,7 +19,20 @@ from typing import Any, Protocol, Self, TypeVar
 from sqlalchemy import Connection, delete, func, insert, or_, select, update
 
 from ..jobs import FileStat, Job, TagScore
-from ..models import VISIBLE, Embedding, LabelSetDigest, LabelTotal, Photo, Retag, Status, Tag
+from ..models import (
+    VISIBLE,
+    Action,
+    Decision,
+    Embedding,
+    LabelSetDigest,
+    LabelTotal,
+    Photo,
+    Retag,
+    Sidecar,
+    SidecarOutbox,
+    Status,
+    Tag,
+)
 from ..paths import display, folder_prefix, from_db, to_db
 from . import sqlite
 from .reader import Reader, at_or_under, under_folder
@@ -68,19 +81,46 @@ class Saved:
     failed: frozenset[int]
 
 
+@dataclass(frozen=True, slots=True)
+class SidecarRecord:
+    """What cliptagd last wrote into one sidecar (see models.Sidecar)."""
+
+    path: str
+    photo_id: int | None
+    size: int | None
+    mtime_ns: int | None
+    created: bool
+    owned: str
+    problem: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PhotoRow:
+    id: int
+    path: str
+    status: str
+    model_id: str | None
+
+
 class Store(Reader):
-    """The tag database at `url`, for the processes that write it (created if missing)."""
+    """The tag database at `url`, for the processes that write it (created if missing).
+
+    With `sidecars` (xmp.write on), every write that changes a photo's shown tags or path
+    also queues its sidecar in the outbox, in the same transaction."""
 
     readonly = False
 
-    def __init__(self, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> None:
+    def __init__(
+        self, url: str, *, busy_timeout: float = BUSY_TIMEOUT, sidecars: bool = False
+    ) -> None:
         super().__init__(url, busy_timeout=busy_timeout)
         self._writer = sqlite.writing(self.engine)
+        self.sidecars = sidecars
 
     @classmethod
-    def open(cls, url: str, *, busy_timeout: float = BUSY_TIMEOUT) -> Self:
+    def open(cls, url: str, *, busy_timeout: float = BUSY_TIMEOUT, sidecars: bool = False) -> Self:
         """Open the database at `url`, creating it or migrating it to this code's schema."""
-        store = cls(url, busy_timeout=busy_timeout)
+        store = cls(url, busy_timeout=busy_timeout, sidecars=sidecars)
         try:
             store.migrate()
         except BaseException:
@@ -148,6 +188,7 @@ class Store(Reader):
                         # Put back unchanged (restored from a trash, say): its tags hold.
                         restored = {"status": Status.TAGGED, "deleted_at": None}
                         conn.execute(update(Photo).where(Photo.id == row.id).values(restored))
+                        self._queue_sidecars(conn, [row.id])
                         continue
                     else:
                         continue
@@ -202,6 +243,7 @@ class Store(Reader):
                         path=text, raw_path=raw, mtime=stat.mtime, status=status, deleted_at=None
                     )
                 )
+                self._queue_sidecars(conn, [row.id])
                 log.info("Recognised %s as %s, moved: tags kept", display(stat.path), row.path)
                 moved.add(stat.path)
                 taken.add(row.id)
@@ -248,7 +290,7 @@ class Store(Reader):
         dropped: the row is pending again with the new size and mtime and will be redone.
         `failed_with` records what a failure happened under (see `retry_failed`).
         """
-        written, failed = 0, set()
+        written, failed, tagged = 0, set(), []
         now = _now()
         with self._writer.begin() as conn:
             for result in results:
@@ -288,6 +330,8 @@ class Store(Reader):
                 written += 1
                 if values["status"] == Status.FAILED:
                     failed.add(job.photo_id)
+                elif values["status"] == Status.TAGGED:
+                    tagged.append(job.photo_id)
                 if result.embedding is not None:
                     conn.execute(
                         sqlite.upsert(
@@ -300,6 +344,7 @@ class Store(Reader):
                     )
                 conn.execute(delete(Tag).where(Tag.photo_id == job.photo_id))
                 _insert_tags(conn, [job.photo_id], [result.tags])
+            self._queue_sidecars(conn, tagged)
         return Saved(written, frozenset(failed))
 
     @waits_for_locks
@@ -367,6 +412,7 @@ class Store(Reader):
                 conn.execute(
                     update(Photo).where(Photo.id == photo_id).values(path=text, raw_path=raw)
                 )
+            self._queue_sidecars(conn, list(moves))
             return len(moves)
 
     @waits_for_locks
@@ -436,6 +482,7 @@ class Store(Reader):
                     )
                 )
             _insert_tags(conn, photo_ids, tags)
+            self._queue_sidecars(conn, photo_ids)
 
     @waits_for_locks
     def set_label_set_digest(self, name: str, digest: str) -> None:
@@ -457,6 +504,248 @@ class Store(Reader):
             removed = conn.execute(delete(Tag).where(Tag.label_set.in_(list(names)))).rowcount
             conn.execute(delete(LabelTotal).where(LabelTotal.label_set.in_(list(names))))
             return removed
+
+    # -- people's decisions -----------------------------------------------------------------
+
+    @waits_for_locks
+    def decide(
+        self,
+        photo_ids: Collection[int],
+        label_set: str,
+        label: str,
+        action: Action,
+        source: str,
+        *,
+        replaces: bool = False,
+        queue: bool = True,
+    ) -> int:
+        """Record a person's decision on a tag of these photos (replacing an earlier one on
+        the same tag); `replaces`: an added label takes the place of the set's computed one
+        (single sets), and of a label added earlier. Return how many photos."""
+        if not photo_ids:
+            return 0
+        now = _now()
+        with self._writer.begin() as conn:
+            for photo_id in photo_ids:
+                if replaces and action is Action.ADDED:
+                    conn.execute(
+                        delete(Decision).where(
+                            Decision.photo_id == photo_id,
+                            Decision.label_set == label_set,
+                            Decision.action == Action.ADDED,
+                        )
+                    )
+                conn.execute(
+                    sqlite.upsert(
+                        Decision,
+                        ("photo_id", "label_set", "label"),
+                        photo_id=photo_id,
+                        label_set=label_set,
+                        label=label,
+                        action=action.value,
+                        source=source,
+                        replaces=replaces,
+                        decided_at=now,
+                    )
+                )
+            if queue:
+                self._queue_sidecars(conn, list(photo_ids))
+        return len(photo_ids)
+
+    @waits_for_locks
+    def clear_decisions(
+        self,
+        photo_ids: Collection[int] | None,
+        label_set: str | None = None,
+        label: str | None = None,
+        source: str | None = None,
+    ) -> int:
+        """Forget decisions: on these photos (every photo if None), of this set and label,
+        from this source (a `sidecar` source forgets rejections only). Return the count."""
+        where: list[Any] = []
+        if photo_ids is not None:
+            where.append(Decision.photo_id.in_(list(photo_ids)))
+        if label_set is not None:
+            where.append(Decision.label_set == label_set)
+        if label is not None:
+            where.append(Decision.label == label)
+        if source is not None:
+            where.append(Decision.source == source)
+        with self._writer.begin() as conn:
+            affected = conn.scalars(select(Decision.photo_id).where(*where).distinct()).all()
+            removed = conn.execute(delete(Decision).where(*where)).rowcount
+            self._queue_sidecars(conn, affected)
+            return removed
+
+    @waits_for_locks
+    def photo_ids(self, paths: Sequence[str]) -> dict[str, int]:
+        """The ids of the given photos (as known, deleted ones left out), by path."""
+        stmt = select(Photo.id, Photo.path, Photo.raw_path).where(
+            Photo.path.in_([display(p) for p in paths]), Photo.status != Status.DELETED
+        )
+        with self.engine.connect() as conn:
+            return {from_db(r.path, r.raw_path): r.id for r in conn.execute(stmt)}
+
+    # -- XMP sidecars (see sidecars.py) -----------------------------------------------------
+
+    def _queue_sidecars(self, conn: Connection, photo_ids: Sequence[int]) -> None:
+        """Queue these photos' sidecars to be written, in the caller's transaction."""
+        if not self.sidecars or not photo_ids:
+            return
+        now = _now()
+        for start in range(0, len(photo_ids), CHUNK):
+            rows = [{"photo_id": i, "queued_at": now} for i in photo_ids[start : start + CHUNK]]
+            conn.execute(sqlite.upsert_rows(SidecarOutbox, "photo_id", rows))
+
+    @waits_for_locks
+    def queue_sidecars(
+        self, photo_ids: Sequence[int] | None = None, under: Sequence[str] = ()
+    ) -> int:
+        """Queue the sidecars of these photos, or of every shown photo (under `under` if
+        given); return how many."""
+        if photo_ids is None:
+            stmt = select(Photo.id).where(Photo.status.in_(VISIBLE))
+            if under:
+                stmt = stmt.where(or_(*map(at_or_under, under)))
+            with self.engine.connect() as conn:
+                photo_ids = list(conn.scalars(stmt.order_by(Photo.id)))
+        with self._writer.begin() as conn:
+            self._queue_sidecars(conn, photo_ids)
+        return len(photo_ids)
+
+    @waits_for_locks
+    def outbox(self, limit: int) -> list[tuple[int, datetime]]:
+        """Up to `limit` queued sidecars, oldest first: photo id and when it was queued."""
+        stmt = select(SidecarOutbox.photo_id, SidecarOutbox.queued_at)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt.order_by(SidecarOutbox.queued_at).limit(limit))
+            return [(row.photo_id, row.queued_at) for row in rows]
+
+    @waits_for_locks
+    def outbox_done(self, items: Sequence[tuple[int, datetime]]) -> None:
+        """Drop these outbox entries, unless queued again since they were read."""
+        with self._writer.begin() as conn:
+            for photo_id, queued_at in items:
+                conn.execute(
+                    delete(SidecarOutbox).where(
+                        SidecarOutbox.photo_id == photo_id, SidecarOutbox.queued_at <= queued_at
+                    )
+                )
+
+    @waits_for_locks
+    def photo_rows(self, photo_ids: Collection[int]) -> dict[int, PhotoRow]:
+        stmt = select(Photo.id, Photo.path, Photo.raw_path, Photo.status, Photo.model_id)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt.where(Photo.id.in_(list(photo_ids))))
+            return {
+                r.id: PhotoRow(r.id, from_db(r.path, r.raw_path), r.status, r.model_id)
+                for r in rows
+            }
+
+    @waits_for_locks
+    def photos_starting(self, prefix: str) -> list[PhotoRow]:
+        """The shown photos whose path starts with `prefix` (a folder and a file stem)."""
+        stmt = select(Photo.id, Photo.path, Photo.raw_path, Photo.status, Photo.model_id).where(
+            Photo.path.startswith(display(prefix), autoescape=True), Photo.status.in_(VISIBLE)
+        )
+        with self.engine.connect() as conn:
+            return [
+                PhotoRow(r.id, from_db(r.path, r.raw_path), r.status, r.model_id)
+                for r in conn.execute(stmt)
+            ]
+
+    @waits_for_locks
+    def sidecar(self, path: str) -> SidecarRecord | None:
+        """What cliptagd last wrote at the sidecar `path`, if anything."""
+        with self.engine.connect() as conn:
+            row = conn.execute(_SIDECARS.where(Sidecar.path == display(path))).first()
+        return _record(row) if row else None
+
+    @waits_for_locks
+    def sidecars_of(self, photo_id: int) -> list[SidecarRecord]:
+        """The sidecars last written for this photo (it may have moved since)."""
+        with self.engine.connect() as conn:
+            return [_record(r) for r in conn.execute(_SIDECARS.where(Sidecar.photo_id == photo_id))]
+
+    def sidecars_under(self, roots: Sequence[str] = ()) -> Iterator[SidecarRecord]:
+        """Every sidecar record (under the folders `roots` if given), a page at a time."""
+        stmt = _SIDECARS
+        if roots:
+            stmt = stmt.where(or_(*(_path_at_or_under(Sidecar.path, root) for root in roots)))
+        for rows in self._pages(stmt, Sidecar.path, ""):
+            yield from map(_record, rows)
+
+    @waits_for_locks
+    def save_sidecar(
+        self,
+        path: str,
+        photo_id: int | None,
+        *,
+        size: int | None,
+        mtime_ns: int | None,
+        created: bool,
+        owned: str,
+        problem: str | None = None,
+        restored: bool = False,
+        moved_from: str | None = None,
+    ) -> None:
+        """Record what was written at the sidecar `path` (or the problem that kept it from
+        being written); `moved_from`: the record of a sidecar that moved with its photo."""
+        text, raw = to_db(path)
+        with self._writer.begin() as conn:
+            if moved_from is not None:
+                conn.execute(delete(Sidecar).where(Sidecar.path == display(moved_from)))
+            before = conn.scalar(select(Sidecar.restored).where(Sidecar.path == text)) or 0
+            conn.execute(
+                sqlite.upsert(
+                    Sidecar,
+                    "path",
+                    path=text,
+                    raw_path=raw,
+                    photo_id=photo_id,
+                    size=size,
+                    mtime_ns=mtime_ns,
+                    created=created,
+                    owned=owned,
+                    problem=problem,
+                    restored=before + int(restored),
+                    updated_at=_now(),
+                )
+            )
+
+    @waits_for_locks
+    def forget_sidecar(self, path: str) -> None:
+        with self._writer.begin() as conn:
+            conn.execute(delete(Sidecar).where(Sidecar.path == display(path)))
+
+
+_SIDECARS = select(
+    Sidecar.path,
+    Sidecar.raw_path,
+    Sidecar.photo_id,
+    Sidecar.size,
+    Sidecar.mtime_ns,
+    Sidecar.created,
+    Sidecar.owned,
+    Sidecar.problem,
+)
+
+
+def _path_at_or_under(column: Any, root: str) -> Any:
+    prefix = folder_prefix(display(root))
+    return (column == display(root)) | column.startswith(prefix, autoescape=True)
+
+
+def _record(row: Any) -> SidecarRecord:
+    return SidecarRecord(
+        from_db(row.path, row.raw_path),
+        row.photo_id,
+        row.size,
+        row.mtime_ns,
+        bool(row.created),
+        row.owned,
+        row.problem,
+    )
 
 
 def _now() -> datetime:

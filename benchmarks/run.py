@@ -112,7 +112,9 @@ def per_photo_loop_rate(
 # -- cliptagd as users run it -----------------------------------------------------------------
 
 
-def write_config(work: Path, watched: Path, args: argparse.Namespace, **worker: Any) -> Path:
+def write_config(
+    work: Path, watched: Path, args: argparse.Namespace, xmp: bool = False, **worker: Any
+) -> Path:
     import yaml
 
     config = {
@@ -123,6 +125,7 @@ def write_config(work: Path, watched: Path, args: argparse.Namespace, **worker: 
         "cache_dir": str(args.work / "cache"),
         "log_level": "info",
         "label_sets": {"scene": {"templates": [TEMPLATE], "labels": LABELS}},
+        "xmp": {"write": xmp},
     }
     if args.threads:
         config["worker"]["torch_threads"] = args.threads
@@ -147,17 +150,44 @@ def cliptagd(*args: str | Path) -> list[str]:
     return [sys.executable, "-m", "cliptagd", *map(str, args)]
 
 
-def scan_seconds(args: argparse.Namespace, files: list[Path], tag: str) -> float:
+def scan_seconds(args: argparse.Namespace, files: list[Path], tag: str, xmp: bool = False) -> float:
     work = fresh(args.work / f"scan-{tag}")
     link_photos(files, work / "photos")
-    config = write_config(work, work / "photos", args)
+    config = write_config(work, work / "photos", args, xmp=xmp)
     start = time.perf_counter()
     subprocess.run(cliptagd("scan", "--no-progress", "-c", config), check=True,
                    capture_output=True)  # fmt: skip
     elapsed = time.perf_counter() - start
     done = count(work / "tags.db", "tagged")
     assert done == len(files), f"scan tagged {done} of {len(files)}"
+    if xmp:
+        written = len(list((work / "photos").glob("*.xmp")))
+        assert written == len(files), f"scan wrote {written} sidecars for {len(files)} photos"
     return elapsed
+
+
+def sidecar_cost(args: argparse.Namespace, files: list[Path]) -> dict[str, Any]:
+    """Photos/s of `cliptagd scan` with XMP sidecars written and without, measured in turn
+    in each repetition (start-up cost left out, as in scan_rate), and their ratio."""
+    half = files[: len(files) // 2]
+
+    def rate(xmp: bool) -> float:
+        tag = "xmp-on" if xmp else "xmp-off"
+        t_half = scan_seconds(args, half, f"{tag}-half", xmp)
+        t_full = scan_seconds(args, files, f"{tag}-full", xmp)
+        return (len(files) - len(half)) / max(1e-9, t_full - t_half)
+
+    offs, ons, ratios = [], [], []
+    for _ in range(args.reps):
+        offs.append(rate(False))
+        ons.append(rate(True))
+        ratios.append(ons[-1] / offs[-1])
+    return {
+        "photos_per_s_off": statistics.median(offs),
+        "photos_per_s_on": statistics.median(ons),
+        "ratio_on_vs_off": statistics.median(ratios),
+        "ratios": ratios,
+    }
 
 
 def scan_rate(
@@ -410,7 +440,8 @@ def main() -> int:
         args.labels = 100
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parts = set(
-        args.only or ["bare", "loop", "scan", "burst", "latency", "memory", "startup", "labels"]
+        args.only
+        or ["bare", "loop", "scan", "sidecars", "burst", "latency", "memory", "startup", "labels"]
     )
 
     print("Generating photos...", flush=True)
@@ -474,6 +505,9 @@ def main() -> int:
             report("ratio_scan_camera_vs_loop",
                    camera["ratio_vs_bare"] / results["ratio_loop_vs_bare"])  # fmt: skip
         report("scan_small", scan_rate(args, small, "small", bare))
+    if "sidecars" in parts:
+        # 2 MP photos: the fastest scan, so where writing a sidecar per photo weighs most.
+        report("scan_small_sidecars", sidecar_cost(args, small))
     if "burst" in parts:
         report("daemon_burst_camera", daemon_burst_rate(args, big, bare))
     if "latency" in parts:

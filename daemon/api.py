@@ -28,17 +28,18 @@ UnknownName and ModelLoadError; `cliptagd` (cli.py) turns each into one sentence
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import os
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from .config import Config, ConfigError, find_config, load_config
-from .lock import check_owner
-from .models import VISIBLE, Status
+from .config import Config, ConfigError, LabelSetConfig, Mode, find_config, load_config
+from .lock import DatabaseLock, Locked, check_owner
+from .models import VISIBLE, Action, Status
 from .paths import display, normalise, normalise_folder
 from .retag import RetagReport
 from .retag import retag as _retag
@@ -47,6 +48,7 @@ from .store import (
     PhotoState,
     Reader,
     RetagState,
+    SidecarState,
     Store,
     StoreError,
     TagQuery,
@@ -56,6 +58,7 @@ from .store import (
 
 if TYPE_CHECKING:  # at run time, see __getattr__
     from .search import Match as Match
+    from .sidecars import StripReport as StripReport
     from .tagger import ClipTagger as ClipTagger
     from .tagger import ModelLoadError as ModelLoadError
 
@@ -63,10 +66,11 @@ if TYPE_CHECKING:  # at run time, see __getattr__
 __all__ = [
     "Config", "ConfigError", "FetchedModel", "LabelCount", "NoEmbedding", "PhotoState",
     "PhotoTags", "Reader", "RetagReport", "Status", "StatusReport", "Store", "StoreError",
-    "TagQuery", "TagRow", "UnknownName", "UnsupportedDatabase", "all_scores",
-    "check_label_sets", "check_names", "fetch_model", "load_tagger", "open_database",
-    "open_for_writing", "query", "read_config", "retag", "search_index_dir", "search_text",
-    "similar", "status", "tags_of",
+    "TagQuery", "TagRow", "UnknownName", "UnsupportedDatabase", "Decided", "Locked",
+    "SidecarState", "all_scores", "check_label_sets", "check_names", "clear_decisions",
+    "decide", "fetch_model", "flush_sidecars", "load_tagger", "open_database",
+    "open_for_writing", "query", "queue_sidecars", "read_config", "remove_sidecars", "retag",
+    "search_index_dir", "search_text", "similar", "status", "tags_of", "write_sidecars",
 ]  # fmt: skip
 
 # The names whose modules import torch: imported when first asked for (PEP 562).
@@ -111,6 +115,20 @@ class StatusReport:
     counts: dict[Status, int]  # every status, zero or not
     failures: list[PhotoState]  # the latest first
     last_retag: RetagState | None  # the daemon's last re-tag from stored embeddings
+    # XMP sidecars: written, waiting, restored (put back after a tool rewrote them without
+    # cliptagd's namespace), problems (not written: malformed, unwritable, a symlink...).
+    sidecars: dict[str, int] = dataclasses.field(default_factory=dict)
+    sidecar_problems: list[SidecarState] = dataclasses.field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Decided:
+    """What `decide` or `clear_decisions` did: the photos it applied to, and those the
+    database does not know (nothing was recorded for them)."""
+
+    photos: list[str]
+    unknown: list[str]
+    written: int  # sidecars written now (0 when the daemon writes them)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,9 +170,14 @@ def open_for_writing(
 ) -> Store:
     """The tag database, created or migrated, opened to write: refused (StoreError) to root
     when another user (the service) owns it; `command` names what to run as that user."""
+    sidecars = False
+    if not isinstance(config, Config) and url is None:
+        config = read_config(config)
+    if isinstance(config, Config):
+        sidecars = config.xmp.write  # decisions and re-tags then queue the sidecars
     url = _url(config, url)
     check_owner(url, command)
-    return Store.open(url)
+    return Store.open(url, sidecars=sidecars)
 
 
 # -- queries -----------------------------------------------------------------------------------
@@ -224,11 +247,163 @@ def all_scores(
 
 
 def status(store: Reader, failures: int = 20) -> StatusReport:
-    """How many photos are in each status, and the latest `failures` with their reasons."""
+    """How many photos are in each status, and the latest `failures` with their reasons;
+    the sidecars written, waiting, restored, and those with problems."""
     counts = store.counts()
+    problems, latest = store.sidecar_problems(failures)
     return StatusReport(
-        {s: counts.get(s.value, 0) for s in Status}, store.failures(failures), store.last_retag()
+        {s: counts.get(s.value, 0) for s in Status},
+        store.failures(failures),
+        store.last_retag(),
+        store.sidecar_counts() | {"problems": problems},
+        latest,
     )
+
+
+# -- people's decisions and sidecars ----------------------------------------------------------
+
+
+def decide(
+    store: Store,
+    config: Config,
+    action: Literal["add", "remove"],
+    label_set: str,
+    label: str,
+    photos: Iterable[str | os.PathLike[str]],
+    *,
+    source: str = "cli",
+) -> Decided:
+    """Record a person's decision: the photos carry (`add`) or do not carry (`remove`) the
+    label, whatever the model says, through re-tags and re-encodes. An added label of a
+    single-label set takes the place of the computed one. Sidecars follow (see
+    `write_sidecars`). UnknownName for a set or label the config does not have."""
+    spec = _label_set(config, label_set)
+    if label not in spec.label_names:
+        raise UnknownName(
+            f"no label {label!r} in the set {label_set!r}{_did_you_mean(label, spec.label_names)}"
+        )
+    paths, ids = _known(store, photos)
+    store.decide(
+        list(ids.values()),
+        label_set,
+        label,
+        Action.ADDED if action == "add" else Action.REMOVED,
+        source,
+        replaces=action == "add" and spec.mode is Mode.SINGLE,
+    )
+    return Decided(list(ids), [p for p in paths if p not in ids], flush_sidecars(store, config))
+
+
+def clear_decisions(
+    store: Store,
+    config: Config,
+    photos: Iterable[str | os.PathLike[str]] = (),
+    *,
+    label_set: str | None = None,
+    label: str | None = None,
+    source: str | None = None,
+) -> Decided:
+    """Forget decisions, so the model's tags show again: on `photos` (every photo if none
+    given), of a set and label if given, from a source if given (`sidecar`: every removal
+    read from sidecars)."""
+    if label_set is not None:
+        _label_set(config, label_set)
+    asked = list(photos)
+    paths, ids = _known(store, asked) if asked else ([], {})
+    store.clear_decisions(list(ids.values()) if asked else None, label_set, label, source)
+    return Decided(list(ids), [p for p in paths if p not in ids], flush_sidecars(store, config))
+
+
+def write_sidecars(
+    store: Store,
+    config: Config,
+    under: Iterable[str | os.PathLike[str]] = (),
+    *,
+    progress: Callable[[int], object] | None = None,
+) -> int:
+    """Write or refresh the sidecar of every shown photo (under the folders or files
+    `under`), as `config.xmp` says, whether `xmp.write` is on or not; return how many were
+    handled. Raises Locked while a daemon runs on the database (it writes them itself when
+    its xmp.write is on: see `queue_sidecars`)."""
+    from .sidecars import SidecarWriter
+
+    roots = [normalise(path) for path in under]
+    with _sidecar_lock(config):
+        queued = _queued(store, roots)
+        writer = SidecarWriter(store, config)
+        writer.check(roots)
+        writer.drain_all(progress)
+    return queued
+
+
+def queue_sidecars(store: Store, under: Iterable[str | os.PathLike[str]] = ()) -> int:
+    """Queue the sidecars of every shown photo (under `under`) for the running daemon."""
+    return _queued(store, [normalise(path) for path in under])
+
+
+def _queued(store: Store, roots: list[str]) -> int:
+    before, store.sidecars = store.sidecars, True
+    try:
+        return store.queue_sidecars(under=roots)
+    finally:
+        store.sidecars = before
+
+
+def remove_sidecars(
+    store: Store,
+    config: Config,
+    under: Iterable[str | os.PathLike[str]] = (),
+    *,
+    progress: Callable[[int], object] | None = None,
+) -> StripReport:
+    """Take cliptagd's entries out of every sidecar it wrote (under `under`), and delete
+    the sidecars it created that hold nothing else: a clean uninstall. Raises Locked while
+    a daemon runs on the database."""
+    from .sidecars import SidecarWriter
+
+    with _sidecar_lock(config):
+        return SidecarWriter(store, config).strip([normalise(p) for p in under], progress)
+
+
+@contextlib.contextmanager
+def _sidecar_lock(config: Config) -> Iterator[None]:
+    """The daemon's lock, held while this process writes sidecars: one writer at a time."""
+    lock = DatabaseLock(config.database.url)
+    lock.acquire("cliptagd xmp")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def flush_sidecars(store: Store, config: Config) -> int:
+    """Write the queued sidecars here (after a decision or a re-tag) when no daemon runs
+    and `xmp.write` is on; return how many. A running daemon writes them within seconds."""
+    from .sidecars import SidecarWriter
+
+    if not config.xmp.write:
+        return 0
+    lock = DatabaseLock(config.database.url)
+    if not lock.try_acquire("cliptagd tag"):
+        return 0
+    try:
+        return SidecarWriter(store, config).drain_all()
+    finally:
+        lock.release()
+
+
+def _label_set(config: Config, name: str) -> LabelSetConfig:
+    if name not in config.label_sets:
+        raise UnknownName(f"no label set named {name!r}{_did_you_mean(name, config.label_sets)}")
+    return config.label_sets[name]
+
+
+def _known(
+    store: Store, photos: Iterable[str | os.PathLike[str]]
+) -> tuple[list[str], dict[str, int]]:
+    """The photos asked for (normalised), and the ids of those the database knows."""
+    paths = [normalise(photo) for photo in photos]
+    return paths, store.photo_ids(paths)
 
 
 # -- search ------------------------------------------------------------------------------------

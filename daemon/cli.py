@@ -1,4 +1,4 @@
-"""The command line: `cliptagd run|scan|query|tags|labels|search|retag|status`.
+"""The command line: `cliptagd run|scan|query|tags|labels|search|retag|status|tag|xmp`.
 
 The edge of the program: it parses the arguments, calls the library (cliptagd.api; `run` and
 `scan`, the daemon itself, service.py) and prints. Named errors from below become one clear
@@ -462,6 +462,7 @@ def retag(config_path: Path | None, sets: tuple[str, ...], every: bool, no_progr
         tagger = _load_tagger(config)
         with tqdm(desc="Re-tagging", unit="photo", disable=no_progress or None) as bar:
             report = api.retag(store, tagger, sets, every=every, on_chunk=bar.update)
+        api.flush_sidecars(store, config)
     click.echo(report.summary)
 
 
@@ -511,6 +512,11 @@ def status(config_path: Path | None, fmt: str) -> None:
              "message": last.message}
             if last else None
         )  # fmt: skip
+        body["sidecars"] = {k: v for k, v in report.sidecars.items() if k != "problems"}
+        body["sidecar_problems"] = report.sidecars.get("problems", 0)
+        body["sidecar_problem_paths"] = [
+            _with_raw_path({"path": p.path, "problem": p.problem}) for p in report.sidecar_problems
+        ]
         click.echo(json.dumps(body, indent=2))
         return
     for key in (Status.PENDING, Status.TAGGED, Status.STALE, Status.FAILED, Status.DELETED):
@@ -524,17 +530,222 @@ def status(config_path: Path | None, fmt: str) -> None:
         click.echo("\nLatest failures:")
         for failure in report.failures:
             click.echo(f"  {display(failure.path)}: {failure.error}")
+    sidecars = report.sidecars
+    if any(sidecars.values()):
+        click.echo(
+            f"\nSidecars: {sidecars['written']} written, {sidecars['waiting']} waiting, "
+            f"{sidecars['problems']} with problems"
+        )
+        if sidecars["restored"]:
+            click.echo(
+                f"  {sidecars['restored']} time(s) a tool rewrote a sidecar without "
+                "cliptagd's keywords; they were written again"
+            )
+        for problem in report.sidecar_problems:
+            click.echo(f"  {problem.problem}")
+
+
+def _open_for_writing(config: Config, command: str) -> api.Store:
+    try:
+        return api.open_for_writing(config, command=command)
+    except StoreError as exc:
+        raise _store_failure(exc) from None
+
+
+@cli.group()
+def tag() -> None:
+    """Decide a photo's tags yourself: add or remove a tag, or clear your decision.
+
+    A decision holds through re-tags and re-encodes, in every query, count and sidecar.
+    An added tag shows with score 1.0; adding a label of a single-label set replaces the
+    label the model chose. A keyword removed from a sidecar in a photo manager is recorded
+    the same way (source: sidecar).
+
+    \b
+    Example:
+      cliptagd tag remove -c config.yaml --set scene --label beach ~/Pictures/IMG_1.jpg
+      cliptagd tag clear -c config.yaml --source sidecar
+    """
+
+
+def _decision_options(func: F) -> F:
+    func = click.argument("photos", nargs=-1, type=click.Path(path_type=Path))(func)
+    func = click.option("--label", required=True, help="The label.")(func)
+    func = click.option("--set", "label_set", required=True, help="The label set.")(func)
+    return config_option(func)
+
+
+def _decide(
+    config_path: Path | None,
+    action: Literal["add", "remove"],
+    label_set: str,
+    label: str,
+    photos: tuple[Path, ...],
+) -> None:
+    if not photos:
+        raise click.UsageError("Name at least one photo.")
+    config = _load(config_path)
+    _setup_logging(config)
+    with _open_for_writing(config, "tag") as store:
+        try:
+            done = api.decide(store, config, action, label_set, label, photos)
+        except api.UnknownName as exc:
+            raise Failure(str(exc)) from None
+    _report_decided(
+        done,
+        f"{action}ed {label_set}/{label}" if action == "add" else f"removed {label_set}/{label}",
+    )
+
+
+def _report_decided(done: api.Decided, what: str) -> None:
+    for path in done.unknown:
+        click.echo(f"cliptagd: {display(path)}: not in the database", err=True)
+    click.echo(f"{what.capitalize()}: {len(done.photos)} photo(s)")
+    if done.unknown:
+        sys.exit(EXIT_ERROR)
+
+
+@tag.command("add")
+@_decision_options
+def tag_add(config_path: Path | None, label_set: str, label: str, photos: tuple[Path, ...]) -> None:
+    """PHOTOS carry LABEL of SET, whatever the model says (shown with score 1.0).
+
+    In a single-label set, the added label replaces the one the model chose. Exits 1 if a
+    photo is not in the database.
+
+    \b
+    Example:
+      cliptagd tag add -c config.yaml --set scene --label beach ~/Pictures/IMG_1.jpg
+    """
+    _decide(config_path, "add", label_set, label, photos)
+
+
+@tag.command("remove")
+@_decision_options
+def tag_remove(
+    config_path: Path | None, label_set: str, label: str, photos: tuple[Path, ...]
+) -> None:
+    """PHOTOS do not carry LABEL of SET, whatever the model says.
+
+    It stays removed through re-tags and re-encodes. Exits 1 if a photo is not in the
+    database.
+
+    \b
+    Example:
+      cliptagd tag remove -c config.yaml --set content --label dog ~/Pictures/IMG_1.jpg
+    """
+    _decide(config_path, "remove", label_set, label, photos)
+
+
+@tag.command("clear")
+@config_option
+@click.option("--set", "label_set", help="Only decisions on this label set.")
+@click.option("--label", help="Only decisions on this label.")
+@click.option(
+    "--source", type=click.Choice(["cli", "sidecar", "web"]),
+    help="Only decisions from here (sidecar: keywords removed in a photo manager).",
+)  # fmt: skip
+@click.argument("photos", nargs=-1, type=click.Path(path_type=Path))
+def tag_clear(
+    config_path: Path | None,
+    label_set: str | None,
+    label: str | None,
+    source: str | None,
+    photos: tuple[Path, ...],
+) -> None:
+    """Forget decisions on PHOTOS (every photo if none named): the model's tags show again.
+
+    \b
+    Example:
+      cliptagd tag clear -c config.yaml ~/Pictures/IMG_1.jpg
+      cliptagd tag clear -c config.yaml --source sidecar
+    """
+    if not photos and label_set is None and label is None and source is None:
+        raise click.UsageError("Name photos, or narrow with --set, --label or --source.")
+    config = _load(config_path)
+    _setup_logging(config)
+    with _open_for_writing(config, "tag") as store:
+        try:
+            done = api.clear_decisions(
+                store, config, photos, label_set=label_set, label=label, source=source
+            )
+        except api.UnknownName as exc:
+            raise Failure(str(exc)) from None
+    if photos:
+        _report_decided(done, "cleared decisions")
+
+
+@cli.command()
+@config_option
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option(
+    "--remove", is_flag=True,
+    help="Take cliptagd's entries out of the sidecars instead (and delete those it created "
+    "that hold nothing else).",
+)  # fmt: skip
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
+def xmp(config_path: Path | None, paths: tuple[Path, ...], remove: bool, no_progress: bool) -> None:
+    """Write or refresh the XMP sidecars of every tagged photo (under PATHS).
+
+    For turning xmp.write on for a library already tagged, or after changing xmp.naming,
+    xmp.hierarchy or a set's xmp. While a daemon with xmp.write on runs, the sidecars are
+    queued for it. --remove is the clean uninstall: run it with the daemon stopped.
+
+    \b
+    Example:
+      cliptagd xmp -c config.yaml ~/Pictures/2024
+      cliptagd xmp -c config.yaml --remove
+    """
+    config = _load(config_path)
+    _setup_logging(config)
+    with _open_for_writing(config, "xmp") as store:
+        try:
+            message = _sidecars(store, config, paths, remove, no_progress)
+        except api.Locked as exc:
+            if remove or not config.xmp.write:
+                raise Failure(f"{exc} (it must not write sidecars meanwhile)") from None
+            message = f"Queued {api.queue_sidecars(store, paths)} sidecar(s) for the daemon"
+    click.echo(message)
+
+
+def _sidecars(
+    store: api.Store, config: Config, paths: Sequence[Path], remove: bool, no_progress: bool
+) -> str:
+    """Write (or with `remove`, clean) the sidecars under `paths`; say what was done."""
+    from tqdm import tqdm
+
+    with tqdm(desc="Sidecars", unit="photo", disable=no_progress or None) as bar:
+        if remove:
+            report = api.remove_sidecars(store, config, paths, progress=bar.update)
+        else:
+            count = api.write_sidecars(store, config, paths, progress=bar.update)
+    if remove:
+        if report.problems:
+            raise Failure(
+                f"Cleaned {report.stripped} sidecar(s), deleted {report.deleted}; "
+                f"{report.problems} could not be changed (see above)"
+            )
+        return f"Cleaned {report.stripped} sidecar(s); deleted {report.deleted} cliptagd created"
+    problems = api.status(store).sidecars.get("problems", 0)
+    return f"Wrote or checked the sidecars of {count} photo(s); {problems} with problems"
 
 
 # -- output ------------------------------------------------------------------------------------
 
 
 def _print_tags(rows: Sequence[TagRow], fmt: str, print0: bool = False) -> None:
+    # `by`: "you" for a tag a person added (`cliptagd tag add`), else "model".
     records = [
-        {"path": r.path, "set": r.label_set, "label": r.label, "score": round(r.score, 4)}
+        {
+            "path": r.path,
+            "set": r.label_set,
+            "label": r.label,
+            "score": round(r.score, 4),
+            "by": "you" if r.decided else "model",
+        }
         for r in rows
     ]
-    _print(records, ["path", "set", "label", "score"], fmt, print0)
+    _print(records, ["path", "set", "label", "score", "by"], fmt, print0)
 
 
 def _with_raw_path(record: dict[str, Any]) -> dict[str, Any]:

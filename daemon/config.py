@@ -79,6 +79,8 @@ class WatchConfig(_Frozen):
             ext = ext.strip().lower()
             if not ext:
                 raise ValueError("an extension must not be empty")
+            if ext.lstrip(".") == "xmp":
+                raise ValueError(".xmp files are sidecars, never photos: remove it")
             out.append(ext if ext.startswith(".") else "." + ext)
         return tuple(out)
 
@@ -142,6 +144,8 @@ class LabelSetConfig(_Frozen):
     threshold: Annotated[float, Field(ge=0, le=1)] | None = None
     # At most this many labels of the set per photo. Defaults: 1 for single, all for multi.
     top_k: Annotated[int, Field(ge=1)] | None = None
+    # Whether this set's tags go into XMP sidecars (when xmp.write is on).
+    xmp: bool = True
 
     @field_validator("templates", "negative_templates")
     @classmethod
@@ -189,12 +193,36 @@ class LabelSetConfig(_Frozen):
         return 1 if self.mode is Mode.SINGLE else len(self.labels)
 
 
+class XmpConfig(_Frozen):
+    """XMP sidecars beside the photos (off by default: it writes into the photo folders)."""
+
+    write: bool = False
+    # append: IMG_1.jpg.xmp (darktable, digiKam, Immich); replace: IMG_1.xmp (Lightroom,
+    # Bridge, Capture One; files sharing a stem share it).
+    naming: Literal["append", "replace"] = "append"
+    # The hierarchical keyword of each tag; {set} and {label} are filled in, '|' separates
+    # the levels (Lightroom's lr:hierarchicalSubject; digiKam's TagsList gets '/').
+    hierarchy: str = "cliptagd|{set}|{label}"
+
+    @field_validator("hierarchy")
+    @classmethod
+    def _check_hierarchy(cls, value: str) -> str:
+        try:
+            value.format(set="s", label="l")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ValueError(f"only {{set}} and {{label}} may be filled in ({exc})") from None
+        if "{label}" not in value:
+            raise ValueError("must contain {label}")
+        return value
+
+
 class Config(_Frozen):
     watch: WatchConfig
     model: ModelConfig = ModelConfig()
     database: DatabaseConfig = DatabaseConfig()
     worker: WorkerConfig = WorkerConfig()
     label_sets: Annotated[dict[str, LabelSetConfig], Field(min_length=1)]
+    xmp: XmpConfig = XmpConfig()
     # Label embeddings are cached here; None: $CACHE_DIRECTORY (systemd) or ~/.cache/cliptagd.
     cache_dir: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -27,8 +27,10 @@ CHUNK = 5000
 
 
 def set_digest(model_id: str, name: str, spec: LabelSetConfig) -> str:
-    """Changes whenever the tags of this set could: the model, labels, prompts, threshold..."""
-    blob = json.dumps([model_id, name, spec.model_dump(mode="json")], sort_keys=True)
+    """Changes whenever the tags of this set could: the model, labels, prompts, threshold...
+    (not whether they go into sidecars)."""
+    settings = spec.model_dump(mode="json", exclude={"xmp"})
+    blob = json.dumps([model_id, name, settings], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from .config import Config
 from .jobs import Outcome
 from .pipeline import Pipeline
+from .sidecars import SidecarThread, SidecarWriter
 from .store import Store
 from .worker import ModelUnavailable, Ready, Worker, WorkerError
 
@@ -93,6 +94,7 @@ class Runner:
         self.deaths = 0  # in a row, with no photo finished in between
         self.store: Store | None = None
         self._pipeline: Pipeline | None = None
+        self.sidecars: SidecarThread | None = None
 
     @property
     def pipeline(self) -> Pipeline:
@@ -108,7 +110,7 @@ class Runner:
         empty database) and catch up. Raises StartupError, or Stopped on SIGTERM."""
         try:
             ready = _start(self.worker, self.stop)
-            self.store = Store.open(self.config.database.url)
+            self.store = Store.open(self.config.database.url, sidecars=self.config.xmp.write)
         except BaseException:
             self.worker.kill()
             raise
@@ -121,6 +123,29 @@ class Runner:
             failed_with=self._catch_up(self.config, ready),
             on_outcomes=self._outcomes,
         )
+        self._use_sidecars(self.config)
+
+    def _use_sidecars(self, config: Config) -> None:
+        """Write sidecars (in a thread of their own) if `config` says so; stop if not."""
+        assert self.store is not None
+        self.store.sidecars = config.xmp.write
+        if self.sidecars is not None and not config.xmp.write:
+            self.sidecars.stop()
+            self.sidecars = None
+        elif self.sidecars is not None:
+            self.sidecars.writer.config = config
+        elif config.xmp.write:
+            if not self.store.sidecar_records() and self.store.counts()["tagged"]:
+                # Turned on for a library already tagged: write every photo's sidecar.
+                queued = self.store.queue_sidecars()
+                log.info("Sidecars are on: writing them for %d tagged photo(s)", queued)
+            self.sidecars = SidecarThread(SidecarWriter(self.store, config))
+            self.sidecars.start()
+
+    def check_sidecars(self) -> None:
+        """Have the sidecar thread look for sidecars changed on disk (at each rescan)."""
+        if self.sidecars is not None:
+            self.sidecars.request_check()
 
     def _catch_up(self, config: Config, ready: Ready) -> str:
         """Photos of another model are queued to be encoded again, and photos that failed
@@ -139,6 +164,8 @@ class Runner:
 
     def _outcomes(self, outcomes: Sequence[Outcome]) -> None:
         self.deaths = 0
+        if self.sidecars is not None:
+            self.sidecars.wake()
         if self.on_outcomes is not None:
             self.on_outcomes(outcomes)
 
@@ -203,6 +230,7 @@ class Runner:
         if ready is None:
             return
         worker, self.next_worker = self.next_worker, None
+        self._use_sidecars(self.next_config)
         log.info("Worker %d ready: model %s on %s", worker.pid, ready.model_id, ready.device)
         self._hand_over()
         self.worker, self.config, self.deaths = worker, self.next_config, 0
@@ -227,14 +255,23 @@ class Runner:
     def reloading(self) -> bool:
         return self.next_worker is not None
 
+    def reload_sidecars(self, config: Config) -> None:
+        """A reload that changed only the sidecar settings: no new worker needed."""
+        if self.store is not None:
+            self._use_sidecars(config)
+
     def shutdown(self) -> None:
-        """End the workers, saving what they finished (the database stays open)."""
+        """End the workers, saving what they finished, and the sidecar thread (what it has
+        not written stays in the outbox); the database stays open."""
         if self.next_worker is not None:
             self.next_worker.kill()
         if self._pipeline is not None:
             self._hand_over()
         else:
             self.worker.kill()
+        if self.sidecars is not None:
+            self.sidecars.stop()
+            self.sidecars = None
 
     def close(self) -> None:
         if self.store is not None:

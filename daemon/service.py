@@ -26,6 +26,7 @@ from .notify import Notifier
 from .pipeline import INTAKE_CHUNK, Pipeline
 from .runner import Runner, StartupError, Stopped
 from .scanner import PathFilter, walk
+from .sidecars import SidecarWriter
 from .store import KEEP_DELETED, Store
 from .watcher import Watcher
 
@@ -221,6 +222,7 @@ class Daemon:
         self.next_rescan = time.monotonic() + minutes * 60 if minutes else float("inf")
         if self.scanner is not None and self.scanner.is_alive():
             return
+        self.runner.check_sidecars()
         purged = self.store.purge_deleted()
         if purged:
             log.info("Dropped %d photo(s) deleted over %d days ago", purged, KEEP_DELETED.days)
@@ -262,6 +264,10 @@ class Daemon:
             log.info("Reloading: watching %s", ", ".join(map(str, new.watch.paths)))
             self.watcher.stop()
             self._start_watching()
+        self.runner.reload_sidecars(new)
+        if _sidecar_settings(new) != _sidecar_settings(old) and new.xmp.write:
+            queued = self.store.queue_sidecars()
+            log.info("Reloading: the sidecar settings changed; rewriting %d sidecar(s)", queued)
         running = self.runner.next_config if self.runner.reloading else self.runner.config
         if (new.model, new.label_sets, new.worker, new.cache_path) != (
             running.model,
@@ -272,6 +278,11 @@ class Daemon:
             self.runner.reload(new)
         log.info("Reloaded the config from %s", self.config_path)
         self.notifier.ready(self._status())
+
+
+def _sidecar_settings(config: Config) -> tuple[object, ...]:
+    """What decides the content of every sidecar, besides the tags."""
+    return (config.xmp, tuple((name, spec.xmp) for name, spec in config.label_sets.items()))
 
 
 def run_daemon(config: Config, config_path: Path | None = None) -> int:
@@ -353,9 +364,17 @@ def _scan(scan: _Scan) -> int:
     finally:
         bar.close()
         runner.shutdown()
+        if scan.config.xmp.write and not scan.stop.is_set():
+            _write_sidecars(store, scan)
         _log_done(store)
         runner.close()
     return 0
+
+
+def _write_sidecars(store: Store, scan: _Scan) -> None:
+    """Write the sidecars the scan queued (and any left from before)."""
+    with _progress(scan, "Writing sidecars") as bar:
+        SidecarWriter(store, scan.config).drain_all(bar.update)
 
 
 def _scan_for_daemon(scan: _Scan) -> int:

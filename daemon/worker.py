@@ -274,6 +274,7 @@ class _ModelLoop:
         self.tagger = ClipTagger(config.model, config.label_sets, config.cache_path)
         self.tagger.load()
         self.database_url = config.database.url
+        self.sidecars = config.xmp.write  # re-tags queue the sidecars they change
         self.min_side = self.tagger.image_size
         # Decoded photos waiting for the model: two batches' worth keeps the model fed while
         # bounding memory (a preprocessed ViT-B-32 photo is 0.6 MB).
@@ -339,7 +340,7 @@ class _ModelLoop:
 
         try:
             # Store.open migrates: the daemon may still be at it, the write lock orders the two.
-            with Store.open(url) as store:
+            with Store.open(url, sidecars=self.sidecars) as store:
                 retag(store, self.tagger)
         except Exception as exc:  # the photos keep their old tags; new ones are tagged right
             log.exception("Re-tagging from stored embeddings failed")

@@ -33,7 +33,14 @@ README = Path(__file__).parent.parent / "README.md"
 
 
 def all_commands() -> list[str]:
-    return sorted(cli.commands)
+    """Every command, and each subcommand of a group (`tag add`)."""
+    names = []
+    for name, command in cli.commands.items():
+        if isinstance(command, click.Group):
+            names += [f"{name} {sub}" for sub in command.commands]
+        else:
+            names.append(name)
+    return sorted(names)
 
 
 def test_the_contract_commands_exist() -> None:
@@ -42,7 +49,7 @@ def test_the_contract_commands_exist() -> None:
 
 @pytest.mark.parametrize("command", all_commands())
 def test_every_command_has_help_with_an_example(command: str) -> None:
-    result = CliRunner().invoke(cli, [command, "--help"])
+    result = CliRunner().invoke(cli, [*command.split(), "--help"])
     assert result.exit_code == 0
     assert "Example:" in result.output
     assert "cliptagd " + command in result.output
@@ -63,7 +70,11 @@ def test_labels_lists_no_photos_so_offers_no_paths_format() -> None:
 
 @pytest.mark.parametrize("command", all_commands())
 def test_every_option_has_help(command: str) -> None:
-    for param in cli.commands[command].params:
+    found: click.Command = cli
+    for name in command.split():
+        assert isinstance(found, click.Group)
+        found = found.commands[name]
+    for param in found.params:
         if isinstance(param, click.Option):
             assert param.help, f"cliptagd {command} {param.opts[0]} has no help text"
 
@@ -146,10 +157,12 @@ def test_a_configured_label_no_photo_carries_is_not_an_error(tagged_db: Path) ->
         "set",
         "label",
         "score",
+        "by",
         "------",
         "-----",
         "-------",
         "-------",
+        "----",
     ]
 
 
@@ -221,9 +234,9 @@ def logging_restored() -> Iterator[None]:
 def test_query_in_every_format(tagged_db: Path) -> None:
     query = ("query", "-c", str(tagged_db), "--tag", "red", "--sort", "path")
     table = invoke(*query).stdout.splitlines()
-    assert table[0].split() == ["path", "set", "label", "score"]
+    assert table[0].split() == ["path", "set", "label", "score", "by"]
     assert [line.split()[1:] for line in table[2:4]] == [
-        ["colour", "red", "0.9"], ["colour", "red", "0.8"],
+        ["colour", "red", "0.9", "model"], ["colour", "red", "0.8", "model"],
     ]  # fmt: skip
     assert "/p/caf\\xe9.jpg" in table[3]
     records = list(csv.DictReader(io.StringIO(invoke(*query, "--format", "csv").stdout)))
@@ -233,7 +246,7 @@ def test_query_in_every_format(tagged_db: Path) -> None:
     ]  # fmt: skip
     rows = json.loads(invoke(*query, "--format", "json").stdout)
     assert [r["score"] for r in rows] == [0.9, 0.8, 0.7]
-    assert set(rows[0]) == {"path", "set", "label", "score"}
+    assert set(rows[0]) == {"path", "set", "label", "score", "by"}
     paths = invoke(*query, "--format", "paths").stdout_bytes
     assert paths == b"/p/a.jpg\n/p/caf\xe9.jpg\n/p/two\nlines.jpg\n"
     limited = invoke(*query, "--limit", "1", "--min-score", "0.5", "--format", "json")
@@ -280,7 +293,7 @@ def test_tags_says_why_a_photo_has_none(every_status_db: Path) -> None:
     photos = ["/q/near.jpg", "/q/bad.jpg", "/q/new.jpg", "/q/gone.jpg"]
     result = invoke("tags", "-c", str(every_status_db), *photos, "--format", "csv")
     assert result.exit_code == 0  # each is in the database
-    assert result.stdout == "path,set,label,score\n/q/near.jpg,colour,green,0.6\n"
+    assert result.stdout == "path,set,label,score,by\n/q/near.jpg,colour,green,0.6,model\n"
     assert result.stderr.splitlines() == [
         "cliptagd: /q/bad.jpg: failed (not an image)",
         "cliptagd: /q/new.jpg: not tagged yet",
@@ -302,6 +315,8 @@ def test_status_in_both_formats(every_status_db: Path) -> None:
         "pending": 1, "tagged": 5, "failed": 1, "deleted": 1, "stale": 0,
         "failures": [{"path": "/q/bad.jpg", "status": "failed", "error": "not an image"}],
         "last_retag": None,
+        "sidecars": {"written": 0, "waiting": 0, "restored": 0}, "sidecar_problems": 0,
+        "sidecar_problem_paths": [],
     }  # fmt: skip
 
 

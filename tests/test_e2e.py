@@ -167,7 +167,7 @@ def check_query_commands(config: Path, truth: dict[Path, str], broken: Path) -> 
     as_csv = run("query", "-c", config, "--tag", "red", "--format", "csv").stdout
     assert sorted(r["path"] for r in csv.DictReader(io.StringIO(as_csv))) == reds
     table = run("query", "-c", config, "--tag", "red").stdout
-    assert table.splitlines()[0].split() == ["path", "set", "label", "score"]
+    assert table.splitlines()[0].split() == ["path", "set", "label", "score", "by"]
     assert all(path in table for path in reds)
     none = run("query", "-c", config, "--tag", "red", "--set", "other")
     assert none.exit_code == 1 and "no label set named 'other'" in none.stderr

@@ -111,6 +111,7 @@ def test_a_stalled_worker_is_noticed(tmp_path: Path) -> None:
 # -- the real daemon ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the quick run keeps a worker death: the poison-photo tests
 def test_worker_killed_mid_batch_is_replaced_and_nothing_is_lost_with_polling(
     make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
 ) -> None:

@@ -325,6 +325,7 @@ def test_database_newer_than_code_is_refused(store: Store) -> None:
         Reader.open(store.url)
 
 
+@pytest.mark.slow
 def test_reads_while_writing(store: Store) -> None:
     """A reader gets answers while the writer commits batch after batch (WAL, no lock errors)."""
     errors: list[BaseException] = []

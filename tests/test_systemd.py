@@ -23,6 +23,8 @@ SYSTEMD_DIR = Path(__file__).resolve().parent.parent / "systemd"
 SYSTEM_UNIT = SYSTEMD_DIR / "cliptagd.service"
 USER_UNIT = SYSTEMD_DIR / "cliptagd-user.service"
 USER_NO_USERNS = SYSTEMD_DIR / "cliptagd-user-no-userns.conf"
+SYSTEM_XMP = SYSTEMD_DIR / "cliptagd-xmp.conf"
+USER_XMP = SYSTEMD_DIR / "cliptagd-user-xmp.conf"
 SYSUSERS = SYSTEMD_DIR / "cliptagd.sysusers.conf"
 TMPFILES = SYSTEMD_DIR / "cliptagd.tmpfiles.conf"
 README = SYSTEMD_DIR.parent / "README.md"
@@ -195,6 +197,28 @@ def test_user_unit_is_hardened(tmp_path: Path) -> None:
     # half of ProtectHome=yes: the service reads the photos in your home).
     passed = security_checks(copy, "--user", env=user_manager_env(tmp_path))
     assert all(passed[name] for name in NEEDS_USER_NAMESPACE - {"ProtectHome="})
+
+
+@needs_analyze
+@pytest.mark.parametrize(
+    ("unit", "drop_in", "mode"),
+    [(SYSTEM_UNIT, SYSTEM_XMP, "--system"), (USER_UNIT, USER_XMP, "--user")],
+    ids=["system", "user"],
+)
+def test_sidecar_drop_in_opens_only_the_photo_folders(
+    unit: Path, drop_in: Path, mode: str, tmp_path: Path
+) -> None:
+    """With xmp.write on, the drop-in makes the watched folders writable (and nothing else):
+    the unit still verifies and stays as hardened."""
+    env = user_manager_env(tmp_path)
+    merged = with_existing_exec_start(unit, tmp_path / "merged", drop_in)
+    result = analyze(mode, "verify", "--man=no", str(merged), env=env)
+    problems = problems_in(result.stdout + result.stderr, merged.name)
+    assert not problems, "systemd-analyze verify:\n" + "\n".join(problems)
+    assert exposure(merged, mode, env=env) <= MAX_EXPOSURE
+    service = read_unit(drop_in)["Service"]
+    assert set(service) <= {"ReadWritePaths", "SupplementaryGroups"}
+    assert service["ReadWritePaths"] in {"/srv/photos", "%h/Pictures"}
 
 
 @needs_analyze

@@ -1,0 +1,343 @@
+"""Writing the tags into XMP sidecars: the one writer that drains the outbox.
+
+The store queues a photo's sidecar in the same transaction as whatever changed its shown
+tags or its path (see Store.sidecars); this module writes the files afterwards, so a crash
+between the commit and the write loses nothing and a slow or full disk never holds up
+tagging. xmp.py knows the file format and how to replace a file safely; this module knows
+what each sidecar should hold and what cliptagd wrote there before:
+
+- the keywords are the photo's shown tags (people's decisions applied), of the sets whose
+  `xmp` is on; with `replace` naming, photos sharing a stem share a sidecar and its keywords
+  are the union of theirs;
+- a keyword cliptagd wrote that is gone from the sidecar was removed by a person in a photo
+  manager: that is recorded as their decision (source `sidecar`), unless cliptagd's own
+  namespace is gone too, which means a tool rewrote the file from its own data (darktable
+  does): then everything is put back, and the event counted;
+- a sidecar cliptagd cannot or must not write is recorded as a problem, for `status`; the
+  photo's tags stay in the database.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from . import xmp
+from .config import Config
+from .models import VISIBLE, Action
+from .store import PhotoRow, SidecarRecord, Store, StoreError, TagRow
+
+log = logging.getLogger(__name__)
+
+_SHOWN = {status.value for status in VISIBLE}
+
+# Sidecars handled per outbox read.
+BATCH = 256
+
+# A sidecar that changes under cliptagd this many times in a row is left for the next turn.
+ATTEMPTS = 3
+
+
+@dataclass(frozen=True, slots=True)
+class StripReport:
+    stripped: int
+    deleted: int
+    problems: int
+
+
+class SidecarWriter:
+    """Writes the sidecars the outbox asks for, as `config.xmp` says."""
+
+    def __init__(self, store: Store, config: Config) -> None:
+        self.store = store
+        self.config = config
+
+    # -- the outbox -------------------------------------------------------------------------
+
+    def drain(self, limit: int = BATCH) -> int:
+        """Write up to `limit` queued sidecars; return how many outbox entries were done."""
+        items = self.store.outbox(limit)
+        if not items:
+            return 0
+        photos = self.store.photo_rows([photo_id for photo_id, _ in items])
+        done: set[str] = set()
+        for photo_id, _ in items:
+            photo = photos.get(photo_id)
+            if photo is None or photo.status not in _SHOWN:
+                continue  # gone or not tagged: an orphaned sidecar is left alone
+            side = xmp.sidecar_path(photo.path, self.config.xmp.naming)
+            if side in done:
+                continue
+            done.add(side)
+            try:
+                self.sync(side, self._group(photo, side))
+            except StoreError:
+                raise  # the database: the entries stay queued, and are tried again
+            except Exception as exc:  # a bug: never let one sidecar hold up the others
+                log.exception("Writing the sidecar %s failed", side)
+                self._problem(side, [photo], self.store.sidecar(side), f"{side}: {exc!r}")
+        self.store.outbox_done(items)
+        return len(items)
+
+    def drain_all(self, progress: Callable[[int], object] | None = None) -> int:
+        """Drain the outbox until it is empty; return how many entries were done."""
+        total = 0
+        while count := self.drain():
+            total += count
+            if progress is not None:
+                progress(count)
+        return total
+
+    def check(self, roots: Sequence[str] = ()) -> int:
+        """Queue every sidecar that changed on disk since cliptagd wrote it (a person may
+        have removed a keyword), or that had a problem (it may be gone); return how many."""
+        changed: list[int] = []
+        for record in self.store.sidecars_under(roots):
+            if record.photo_id is None:
+                continue
+            if record.problem is not None or _stat(record.path) != (record.size, record.mtime_ns):
+                changed.append(record.photo_id)
+        shown = [p.id for p in self.store.photo_rows(changed).values() if p.status in _SHOWN]
+        return self.store.queue_sidecars(shown) if shown else 0
+
+    # -- one sidecar --------------------------------------------------------------------------
+
+    def _group(self, photo: PhotoRow, side: str) -> list[PhotoRow]:
+        """The photos whose sidecar is `side`: the photo, and with `replace` naming the
+        others of its folder with the same stem (RAW+JPEG, a Live Photo's still and movie)."""
+        stem = os.path.splitext(photo.path)[0]
+        if self.config.xmp.naming != "replace" and side != stem + ".xmp":
+            return [photo]
+        siblings = [
+            other
+            for other in self.store.photos_starting(stem + ".")
+            if os.path.splitext(other.path)[0] == stem
+            and xmp.sidecar_path(other.path, self.config.xmp.naming) == side
+        ]
+        return siblings or [photo]
+
+    def _keywords(self, group: Sequence[PhotoRow]) -> tuple[list[xmp.Keyword], list[TagRow]]:
+        """The keywords the sidecar of `group` should hold (best score per tag), and the
+        shown tags they come from."""
+        sets = self.config.label_sets
+        template = self.config.xmp.hierarchy
+        rows = [
+            row
+            for rows in self.store.tags_of_ids([photo.id for photo in group]).values()
+            for row in rows
+            if row.label_set in sets and sets[row.label_set].xmp
+        ]
+        best: dict[tuple[str, str], float] = {}
+        for row in rows:
+            key = (row.label_set, row.label)
+            best[key] = max(best.get(key, 0.0), row.score)
+        keywords = [
+            xmp.Keyword(name, label, score, template.format(set=name, label=label))
+            for (name, label), score in sorted(best.items())
+        ]
+        return keywords, rows
+
+    def sync(self, side: str, group: Sequence[PhotoRow]) -> None:
+        """Bring the sidecar `side` of the photos `group` up to date."""
+        record, moved_from = self._record(side, group)
+        owned = xmp.Owned.from_json(record.owned if record else None)
+        for _ in range(ATTEMPTS):
+            try:
+                snapshot = xmp.read(side)
+                restored = False
+                if record is not None and owned and _changed(snapshot, record):
+                    if snapshot.data is not None and snapshot.has_namespace:
+                        owned = self._record_removals(snapshot, owned, group)
+                    else:
+                        restored = True
+                        log.info(
+                            "%s was rewritten without cliptagd's keywords: adding them again", side
+                        )
+                keywords, _ = self._keywords(group)
+                model = next((p.model_id for p in group if p.model_id), "")
+                data, owned = xmp.merge(snapshot, keywords, owned, model)
+                size, mtime_ns = snapshot.size, snapshot.mtime_ns
+                if data is not None:
+                    size, mtime_ns = xmp.write(snapshot, data, like=group[0].path)
+            except xmp.Changed:
+                continue  # saved by someone else meanwhile: read it again and merge
+            except xmp.SidecarProblem as exc:
+                self._problem(side, group, record, str(exc))
+                return
+            created = record.created if record else snapshot.data is None
+            unchanged = (
+                record is not None
+                and moved_from is None
+                and not restored
+                and record.problem is None
+                and (size, mtime_ns) == (record.size, record.mtime_ns)
+                and owned.to_json() == record.owned
+            )
+            if not unchanged:
+                self.store.save_sidecar(
+                    side,
+                    group[0].id,
+                    size=size,
+                    mtime_ns=mtime_ns,
+                    created=created,
+                    owned=owned.to_json(),
+                    restored=restored,
+                    moved_from=moved_from,
+                )
+            return
+        self._problem(side, group, record, f"{side} kept changing while cliptagd wrote it")
+
+    def _record(
+        self, side: str, group: Sequence[PhotoRow]
+    ) -> tuple[SidecarRecord | None, str | None]:
+        """What cliptagd wrote at `side` before; or, for photos that moved, at their old
+        sidecar, if that sidecar moved here with them (same size and mtime). A sidecar left
+        behind is an orphan: left alone, never deleted."""
+        record = self.store.sidecar(side)
+        if record is not None:
+            return record, None
+        here = _stat(side)
+        for photo in group:
+            for old in self.store.sidecars_of(photo.id):
+                if old.path != side and here == (old.size, old.mtime_ns) and here[0] is not None:
+                    return old, old.path
+        return None, None
+
+    def _record_removals(
+        self, snapshot: xmp.Snapshot, owned: xmp.Owned, group: Sequence[PhotoRow]
+    ) -> xmp.Owned:
+        """Keywords cliptagd wrote that a person removed become their decisions (`removed`,
+        from `sidecar`); cliptagd forgets it wrote them. Return what it still owns."""
+        gone = xmp.missing(snapshot, owned)
+        if not gone:
+            return owned
+        keywords, rows = self._keywords(group)
+        for keyword in keywords:
+            if (
+                keyword.flat in gone.flat
+                or keyword.hierarchical in gone.hierarchical
+                or keyword.tags_list in gone.tags_list
+            ):
+                carriers = [
+                    photo.id
+                    for photo in group
+                    for row in rows
+                    if row.path == photo.path
+                    and (row.label_set, row.label) == (keyword.label_set, keyword.label)
+                ]
+                self.store.decide(
+                    carriers, keyword.label_set, keyword.label, Action.REMOVED, "sidecar",
+                    queue=False,
+                )  # fmt: skip
+                log.info(
+                    "%s: %s/%s removed in a photo manager; recorded as a decision",
+                    snapshot.path, keyword.label_set, keyword.label,
+                )  # fmt: skip
+        return xmp.Owned(
+            owned.flat - gone.flat,
+            owned.hierarchical - gone.hierarchical,
+            owned.tags_list - gone.tags_list,
+        )
+
+    def _problem(
+        self, side: str, group: Sequence[PhotoRow], record: SidecarRecord | None, problem: str
+    ) -> None:
+        log.warning("Sidecar not written: %s", problem)
+        self.store.save_sidecar(
+            side,
+            group[0].id,
+            size=record.size if record else None,
+            mtime_ns=record.mtime_ns if record else None,
+            created=record.created if record else False,
+            owned=record.owned if record else xmp.Owned().to_json(),
+            problem=problem,
+        )
+
+    # -- removing cliptagd's entries -----------------------------------------------------------
+
+    def strip(
+        self, roots: Sequence[str] = (), progress: Callable[[int], object] | None = None
+    ) -> StripReport:
+        """Remove cliptagd's entries from every sidecar it wrote (under `roots`); delete a
+        sidecar only if cliptagd created it and nothing else is left in it."""
+        stripped = deleted = problems = 0
+        for record in list(self.store.sidecars_under(roots)):
+            try:
+                snapshot = xmp.read(record.path)
+                owned = xmp.Owned.from_json(record.owned)
+                data = xmp.strip(snapshot, owned, created=record.created)
+                if data == b"":
+                    xmp.delete(snapshot)
+                    deleted += 1
+                elif data is not None:
+                    xmp.write(snapshot, data, like=record.path)
+                    stripped += 1
+            except xmp.SidecarProblem as exc:
+                log.warning("Sidecar not cleaned: %s", exc)
+                problems += 1
+                continue
+            finally:
+                if progress is not None:
+                    progress(1)
+            self.store.forget_sidecar(record.path)
+        return StripReport(stripped, deleted, problems)
+
+
+class SidecarThread:
+    """The daemon's sidecar writer, in a thread of its own: it drains the outbox whenever
+    woken (after each saved batch) and every few seconds (decisions from the CLI), and looks
+    for sidecars changed on disk when it starts and when asked (at each rescan)."""
+
+    def __init__(self, writer: SidecarWriter, interval: float = 2.0) -> None:
+        self.writer = writer
+        self.interval = interval
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._check = threading.Event()
+        self._check.set()
+        self._thread = threading.Thread(target=self._run, name="sidecars", daemon=True)
+
+    def request_check(self) -> None:
+        self._check.set()
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Finish the sidecar in hand and stop; what is queued stays in the outbox."""
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self._check.is_set():
+                    self._check.clear()
+                    self.writer.check(list(map(str, self.writer.config.watch.paths)))
+                busy = self.writer.drain() > 0
+            except Exception:  # a bug or a database error: log it, never end the daemon
+                log.exception("Writing sidecars failed; trying again shortly")
+                busy = False
+            if not busy:
+                self._wake.wait(self.interval)
+                self._wake.clear()
+
+
+def _stat(path: str) -> tuple[int | None, int | None]:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None, None
+    return st.st_size, st.st_mtime_ns
+
+
+def _changed(snapshot: xmp.Snapshot, record: SidecarRecord) -> bool:
+    return (snapshot.size, snapshot.mtime_ns) != (record.size, record.mtime_ns)

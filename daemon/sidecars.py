@@ -22,13 +22,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from . import xmp
 from .config import Config
 from .models import VISIBLE, Action
-from .store import PhotoRow, SidecarRecord, Store, StoreError, TagRow
+from .store import PhotoRow, SidecarRecord, SidecarSave, Store, StoreError, TagRow
 
 log = logging.getLogger(__name__)
 
@@ -57,30 +57,47 @@ class SidecarWriter:
 
     # -- the outbox -------------------------------------------------------------------------
 
-    def drain(self, limit: int = BATCH) -> int:
-        """Write up to `limit` queued sidecars; return how many outbox entries were done."""
+    def drain(self, limit: int = BATCH, stop: threading.Event | None = None) -> int:
+        """Write up to `limit` queued sidecars (fewer if `stop` is set meanwhile); return how
+        many outbox entries were done. The database is read and written a batch at a time:
+        per sidecar, only the file itself is read and written."""
         items = self.store.outbox(limit)
         if not items:
             return 0
         photos = self.store.photo_rows([photo_id for photo_id, _ in items])
-        done: set[str] = set()
+        work: dict[str, list[PhotoRow]] = {}
         for photo_id, _ in items:
             photo = photos.get(photo_id)
             if photo is None or photo.status not in _SHOWN:
                 continue  # gone or not tagged: an orphaned sidecar is left alone
             side = xmp.sidecar_path(photo.path, self.config.xmp.naming)
-            if side in done:
-                continue
-            done.add(side)
+            if side not in work:
+                work[side] = self._group(photo, side)
+        records = self.store.sidecars_at(list(work))
+        tags = self.store.tags_of_ids([p.id for group in work.values() for p in group])
+        saves: list[SidecarSave] = []
+        handled = 0
+        for side, group in work.items():
+            if stop is not None and stop.is_set():
+                break
             try:
-                self.sync(side, self._group(photo, side))
+                save = self._sync(side, group, records.get(side), tags)
             except StoreError:
                 raise  # the database: the entries stay queued, and are tried again
             except Exception as exc:  # a bug: never let one sidecar hold up the others
                 log.exception("Writing the sidecar %s failed", side)
-                self._problem(side, [photo], self.store.sidecar(side), f"{side}: {exc!r}")
-        self.store.outbox_done(items)
-        return len(items)
+                save = _problem(side, group, records.get(side), f"{side}: {exc!r}")
+            if save is not None:
+                saves.append(save)
+            handled += 1
+        self.store.save_sidecars(saves)
+        if handled == len(work):
+            self.store.outbox_done(items)
+            return len(items)
+        # Stopped part way: what was not written stays queued.
+        written = {p.id for side in list(work)[:handled] for p in work[side]}
+        self.store.outbox_done([item for item in items if item[0] in written])
+        return len(written)
 
     def drain_all(self, progress: Callable[[int], object] | None = None) -> int:
         """Drain the outbox until it is empty; return how many entries were done."""
@@ -119,15 +136,17 @@ class SidecarWriter:
         ]
         return siblings or [photo]
 
-    def _keywords(self, group: Sequence[PhotoRow]) -> tuple[list[xmp.Keyword], list[TagRow]]:
+    def _keywords(
+        self, group: Sequence[PhotoRow], tags: Mapping[int, list[TagRow]]
+    ) -> tuple[list[xmp.Keyword], list[TagRow]]:
         """The keywords the sidecar of `group` should hold (best score per tag), and the
         shown tags they come from."""
         sets = self.config.label_sets
         template = self.config.xmp.hierarchy
         rows = [
             row
-            for rows in self.store.tags_of_ids([photo.id for photo in group]).values()
-            for row in rows
+            for photo in group
+            for row in tags.get(photo.id, ())
             if row.label_set in sets and sets[row.label_set].xmp
         ]
         best: dict[tuple[str, str], float] = {}
@@ -140,9 +159,19 @@ class SidecarWriter:
         ]
         return keywords, rows
 
-    def sync(self, side: str, group: Sequence[PhotoRow]) -> None:
-        """Bring the sidecar `side` of the photos `group` up to date."""
-        record, moved_from = self._record(side, group)
+    def _sync(
+        self,
+        side: str,
+        group: Sequence[PhotoRow],
+        record: SidecarRecord | None,
+        tags: dict[int, list[TagRow]],
+    ) -> SidecarSave | None:
+        """Bring the sidecar `side` of the photos `group` up to date; return what to record
+        of it (None: nothing changed)."""
+        moved_from = None
+        if record is None:
+            record = self._moved_here(side, group)
+            moved_from = record.path if record else None
         owned = xmp.Owned.from_json(record.owned if record else None)
         for _ in range(ATTEMPTS):
             try:
@@ -150,13 +179,11 @@ class SidecarWriter:
                 restored = False
                 if record is not None and owned and _changed(snapshot, record):
                     if snapshot.data is not None and snapshot.has_namespace:
-                        owned = self._record_removals(snapshot, owned, group)
+                        owned = self._record_removals(snapshot, owned, group, tags)
                     else:
                         restored = True
-                        log.info(
-                            "%s was rewritten without cliptagd's keywords: adding them again", side
-                        )
-                keywords, _ = self._keywords(group)
+                        log.info("%s was rewritten without cliptagd's keywords: adding them", side)
+                keywords, _ = self._keywords(group, tags)
                 model = next((p.model_id for p in group if p.model_id), "")
                 data, owned = xmp.merge(snapshot, keywords, owned, model)
                 size, mtime_ns = snapshot.size, snapshot.mtime_ns
@@ -165,56 +192,54 @@ class SidecarWriter:
             except xmp.Changed:
                 continue  # saved by someone else meanwhile: read it again and merge
             except xmp.SidecarProblem as exc:
-                self._problem(side, group, record, str(exc))
-                return
-            created = record.created if record else snapshot.data is None
-            unchanged = (
+                return _problem(side, group, record, str(exc))
+            if (
                 record is not None
                 and moved_from is None
                 and not restored
                 and record.problem is None
                 and (size, mtime_ns) == (record.size, record.mtime_ns)
                 and owned.to_json() == record.owned
+            ):
+                return None
+            return SidecarSave(
+                side,
+                group[0].id,
+                size,
+                mtime_ns,
+                created=record.created if record else snapshot.data is None,
+                owned=owned.to_json(),
+                restored=restored,
+                moved_from=moved_from,
             )
-            if not unchanged:
-                self.store.save_sidecar(
-                    side,
-                    group[0].id,
-                    size=size,
-                    mtime_ns=mtime_ns,
-                    created=created,
-                    owned=owned.to_json(),
-                    restored=restored,
-                    moved_from=moved_from,
-                )
-            return
-        self._problem(side, group, record, f"{side} kept changing while cliptagd wrote it")
+        return _problem(side, group, record, f"{side} kept changing while cliptagd wrote it")
 
-    def _record(
-        self, side: str, group: Sequence[PhotoRow]
-    ) -> tuple[SidecarRecord | None, str | None]:
-        """What cliptagd wrote at `side` before; or, for photos that moved, at their old
-        sidecar, if that sidecar moved here with them (same size and mtime). A sidecar left
-        behind is an orphan: left alone, never deleted."""
-        record = self.store.sidecar(side)
-        if record is not None:
-            return record, None
+    def _moved_here(self, side: str, group: Sequence[PhotoRow]) -> SidecarRecord | None:
+        """For photos that moved: their old sidecar's record, if that sidecar moved here
+        with them (same size and mtime). A sidecar left behind is an orphan: left alone,
+        never deleted."""
         here = _stat(side)
+        if here[0] is None:
+            return None
         for photo in group:
             for old in self.store.sidecars_of(photo.id):
-                if old.path != side and here == (old.size, old.mtime_ns) and here[0] is not None:
-                    return old, old.path
-        return None, None
+                if old.path != side and here == (old.size, old.mtime_ns):
+                    return old
+        return None
 
     def _record_removals(
-        self, snapshot: xmp.Snapshot, owned: xmp.Owned, group: Sequence[PhotoRow]
+        self,
+        snapshot: xmp.Snapshot,
+        owned: xmp.Owned,
+        group: Sequence[PhotoRow],
+        tags: dict[int, list[TagRow]],
     ) -> xmp.Owned:
         """Keywords cliptagd wrote that a person removed become their decisions (`removed`,
         from `sidecar`); cliptagd forgets it wrote them. Return what it still owns."""
         gone = xmp.missing(snapshot, owned)
         if not gone:
             return owned
-        keywords, rows = self._keywords(group)
+        keywords, rows = self._keywords(group, tags)
         for keyword in keywords:
             if (
                 keyword.flat in gone.flat
@@ -236,24 +261,12 @@ class SidecarWriter:
                     "%s: %s/%s removed in a photo manager; recorded as a decision",
                     snapshot.path, keyword.label_set, keyword.label,
                 )  # fmt: skip
+        fresh = self.store.tags_of_ids([photo.id for photo in group])
+        tags.update({photo.id: fresh.get(photo.id, []) for photo in group})
         return xmp.Owned(
             owned.flat - gone.flat,
             owned.hierarchical - gone.hierarchical,
             owned.tags_list - gone.tags_list,
-        )
-
-    def _problem(
-        self, side: str, group: Sequence[PhotoRow], record: SidecarRecord | None, problem: str
-    ) -> None:
-        log.warning("Sidecar not written: %s", problem)
-        self.store.save_sidecar(
-            side,
-            group[0].id,
-            size=record.size if record else None,
-            mtime_ns=record.mtime_ns if record else None,
-            created=record.created if record else False,
-            owned=record.owned if record else xmp.Owned().to_json(),
-            problem=problem,
         )
 
     # -- removing cliptagd's entries -----------------------------------------------------------
@@ -322,13 +335,29 @@ class SidecarThread:
                 if self._check.is_set():
                     self._check.clear()
                     self.writer.check(list(map(str, self.writer.config.watch.paths)))
-                busy = self.writer.drain() > 0
+                busy = self.writer.drain(stop=self._stop) > 0
             except Exception:  # a bug or a database error: log it, never end the daemon
                 log.exception("Writing sidecars failed; trying again shortly")
                 busy = False
             if not busy:
                 self._wake.wait(self.interval)
                 self._wake.clear()
+
+
+def _problem(
+    side: str, group: Sequence[PhotoRow], record: SidecarRecord | None, problem: str
+) -> SidecarSave:
+    """A sidecar not written: the problem is recorded, what cliptagd owns there is kept."""
+    log.warning("Sidecar not written: %s", problem)
+    return SidecarSave(
+        side,
+        group[0].id,
+        record.size if record else None,
+        record.mtime_ns if record else None,
+        created=record.created if record else False,
+        owned=record.owned if record else xmp.Owned().to_json(),
+        problem=problem,
+    )
 
 
 def _stat(path: str) -> tuple[int | None, int | None]:

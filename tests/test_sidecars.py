@@ -141,6 +141,17 @@ def ids(store: Store, *paths: Path) -> list[int]:
 BEACH_DOG = [("scene", "beach", 0.9), ("things", "dog", 0.7)]
 
 
+def tagged_and_written(
+    store: Store, config: Config, photos: Path
+) -> tuple[Path, Path, SidecarWriter]:
+    """IMG_1.jpg tagged beach and dog, its sidecar written: the photo, sidecar and writer."""
+    photo = photos / "IMG_1.jpg"
+    tag(store, (photo, BEACH_DOG))
+    writer = SidecarWriter(store, config)
+    writer.drain_all()
+    return photo, photos / "IMG_1.jpg.xmp", writer
+
+
 def test_a_tagged_photo_gets_a_sidecar_written_once(
     store: Store, config: Config, photos: Path
 ) -> None:
@@ -169,11 +180,7 @@ def test_a_tagged_photo_gets_a_sidecar_written_once(
 def test_a_keyword_removed_in_a_photo_manager_becomes_a_decision(
     store: Store, config: Config, photos: Path
 ) -> None:
-    photo = photos / "IMG_1.jpg"
-    tag(store, (photo, BEACH_DOG))
-    writer = SidecarWriter(store, config)
-    writer.drain_all()
-    sidecar = photos / "IMG_1.jpg.xmp"
+    photo, sidecar, writer = tagged_and_written(store, config, photos)
     drop_keyword(sidecar, "dog")  # the flat one only: the hierarchical ones go by themselves
     assert writer.check() == 1
     writer.drain_all()
@@ -198,11 +205,7 @@ def test_a_keyword_removed_in_a_photo_manager_becomes_a_decision(
 def test_every_keyword_removed_is_every_tag_rejected_while_the_namespace_stays(
     store: Store, config: Config, photos: Path
 ) -> None:
-    photo = photos / "IMG_1.jpg"
-    tag(store, (photo, BEACH_DOG))
-    writer = SidecarWriter(store, config)
-    writer.drain_all()
-    sidecar = photos / "IMG_1.jpg.xmp"
+    photo, sidecar, writer = tagged_and_written(store, config, photos)
     for keyword in ("beach", "dog"):
         drop_keyword(sidecar, keyword)
     writer.check()
@@ -215,11 +218,7 @@ def test_every_keyword_removed_is_every_tag_rejected_while_the_namespace_stays(
 def test_a_sidecar_rewritten_without_cliptagds_namespace_gets_its_keywords_back(
     store: Store, config: Config, photos: Path
 ) -> None:
-    photo = photos / "IMG_1.jpg"
-    tag(store, (photo, BEACH_DOG))
-    writer = SidecarWriter(store, config)
-    writer.drain_all()
-    sidecar = photos / "IMG_1.jpg.xmp"
+    photo, sidecar, writer = tagged_and_written(store, config, photos)
     # A tool that writes the sidecar from its own database (darktable does), knowing nothing
     # of cliptagd's keywords: a fresh packet with the user's rating only.
     user_sidecar(sidecar)
@@ -314,10 +313,7 @@ def test_a_sidecar_of_the_other_naming_is_used(store: Store, config: Config, pho
 def test_a_sidecar_that_moved_with_its_photo_is_recognised(
     store: Store, config: Config, photos: Path
 ) -> None:
-    photo = photos / "IMG_1.jpg"
-    tag(store, (photo, BEACH_DOG))
-    writer = SidecarWriter(store, config)
-    writer.drain_all()
+    photo, _, writer = tagged_and_written(store, config, photos)
     album = photos / "album"
     album.mkdir()
     # Moved together, as photo managers do: the sidecar is still cliptagd's (a removal

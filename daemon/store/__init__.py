@@ -16,7 +16,16 @@ waits and tries again (schema.waits_for_locks).
 
 from .reader import LabelCount, PhotoState, Reader, RetagState, SidecarState, TagQuery, TagRow
 from .schema import BUSY_TIMEOUT, StoreError, UnsupportedDatabase, sqlite_file, waits_for_locks
-from .writer import KEEP_DELETED, RETRY_DELAY, PhotoRow, Result, Saved, SidecarRecord, Store
+from .writer import (
+    KEEP_DELETED,
+    RETRY_DELAY,
+    PhotoRow,
+    Result,
+    Saved,
+    SidecarRecord,
+    SidecarSave,
+    Store,
+)
 
 __all__ = [
     "BUSY_TIMEOUT",
@@ -30,6 +39,7 @@ __all__ = [
     "RetagState",
     "Saved",
     "SidecarRecord",
+    "SidecarSave",
     "SidecarState",
     "Store",
     "StoreError",

@@ -356,7 +356,9 @@ class Reader:
         """Sidecars written, waiting to be written, and put back after a tool rewrote them
         without cliptagd's namespace (for `status`)."""
         with self.engine.connect() as conn:
-            written = conn.scalar(select(func.count()).where(Sidecar.problem.is_(None)))
+            written = conn.scalar(
+                select(func.count()).where(Sidecar.problem.is_(None), Sidecar.size.is_not(None))
+            )
             waiting = conn.scalar(select(func.count()).select_from(SidecarOutbox))
             restored = conn.scalar(select(func.coalesce(func.sum(Sidecar.restored), 0)))
         return {

@@ -95,6 +95,21 @@ class SidecarRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class SidecarSave:
+    """What to record of one sidecar after writing it (see Store.save_sidecars)."""
+
+    path: str
+    photo_id: int | None
+    size: int | None
+    mtime_ns: int | None
+    created: bool
+    owned: str
+    problem: str | None = None
+    restored: bool = False  # its keywords were put back (a tool rewrote it without them)
+    moved_from: str | None = None  # the record of a sidecar that moved here with its photo
+
+
+@dataclass(frozen=True, slots=True)
 class PhotoRow:
     id: int
     path: str
@@ -676,42 +691,47 @@ class Store(Reader):
             yield from map(_record, rows)
 
     @waits_for_locks
-    def save_sidecar(
-        self,
-        path: str,
-        photo_id: int | None,
-        *,
-        size: int | None,
-        mtime_ns: int | None,
-        created: bool,
-        owned: str,
-        problem: str | None = None,
-        restored: bool = False,
-        moved_from: str | None = None,
-    ) -> None:
-        """Record what was written at the sidecar `path` (or the problem that kept it from
-        being written); `moved_from`: the record of a sidecar that moved with its photo."""
-        text, raw = to_db(path)
+    def sidecars_at(self, paths: Sequence[str]) -> dict[str, SidecarRecord]:
+        """What cliptagd last wrote at each of these sidecar paths, by path."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(_SIDECARS.where(Sidecar.path.in_([display(p) for p in paths])))
+            return {record.path: record for record in map(_record, rows)}
+
+    @waits_for_locks
+    def save_sidecars(self, saves: Sequence[SidecarSave]) -> None:
+        """Record what was written at each sidecar (or the problem that kept it from being
+        written), in one transaction."""
+        if not saves:
+            return
+        now = _now()
         with self._writer.begin() as conn:
-            if moved_from is not None:
-                conn.execute(delete(Sidecar).where(Sidecar.path == display(moved_from)))
-            before = conn.scalar(select(Sidecar.restored).where(Sidecar.path == text)) or 0
-            conn.execute(
-                sqlite.upsert(
-                    Sidecar,
-                    "path",
-                    path=text,
-                    raw_path=raw,
-                    photo_id=photo_id,
-                    size=size,
-                    mtime_ns=mtime_ns,
-                    created=created,
-                    owned=owned,
-                    problem=problem,
-                    restored=before + int(restored),
-                    updated_at=_now(),
-                )
+            moved = [save.moved_from for save in saves if save.moved_from is not None]
+            if moved:
+                conn.execute(delete(Sidecar).where(Sidecar.path.in_(map(display, moved))))
+            texts = [to_db(save.path) for save in saves]
+            before = dict(
+                conn.execute(
+                    select(Sidecar.path, Sidecar.restored).where(
+                        Sidecar.path.in_([text for text, _ in texts])
+                    )
+                ).all()
             )
+            rows = [
+                {
+                    "path": text,
+                    "raw_path": raw,
+                    "photo_id": save.photo_id,
+                    "size": save.size,
+                    "mtime_ns": save.mtime_ns,
+                    "created": save.created,
+                    "owned": save.owned,
+                    "problem": save.problem,
+                    "restored": before.get(text, 0) + int(save.restored),
+                    "updated_at": now,
+                }
+                for save, (text, raw) in zip(saves, texts, strict=True)
+            ]
+            conn.execute(sqlite.upsert_rows(Sidecar, "path", rows))
 
     @waits_for_locks
     def forget_sidecar(self, path: str) -> None:

@@ -1,4 +1,4 @@
-"""The command line: `cliptagd run|scan|query|tags|labels|search|retag|status|tag|xmp`.
+"""The command line: `cliptagd run|scan|query|tags|labels|search|retag|status|tag|xmp|web`.
 
 The edge of the program: it parses the arguments, calls the library (cliptagd.api; `run` and
 `scan`, the daemon itself, service.py) and prints. Named errors from below become one clear
@@ -8,7 +8,6 @@ they answer at once.
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import json
@@ -16,7 +15,6 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
@@ -27,6 +25,7 @@ from . import api
 from .config import Config, ConfigError, find_config
 from .models import Status
 from .paths import display, normalise, normalise_folder
+from .records import TAG_COLUMNS, status_record, tag_record, with_raw_path
 from .store import PhotoState, Reader, StoreError, TagQuery, TagRow, UnsupportedDatabase
 
 if TYPE_CHECKING:
@@ -281,6 +280,9 @@ DATE = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
 @click.option("--until", type=DATE, help="Only photos whose file time is before this.")
 @click.option("--limit", type=click.IntRange(1), help="At most this many photos.")
 @click.option(
+    "--offset", type=click.IntRange(0), default=0, help="Skip this many photos first (pages)."
+)
+@click.option(
     "--sort",
     type=click.Choice(["score", "time", "path"]),
     default="score",
@@ -299,6 +301,7 @@ def query(
     since: datetime | None,
     until: datetime | None,
     limit: int | None,
+    offset: int,
     sort: Literal["score", "time", "path"],
     fmt: str,
     print0: bool,
@@ -322,7 +325,7 @@ def query(
         under=str(under) if under else None,
         since=since.timestamp() if since else None,
         until=until.timestamp() if until else None,
-        limit=limit, sort=sort,
+        limit=limit, offset=offset, sort=sort,
     )  # fmt: skip
     try:
         rows = api.query(store, q, config)
@@ -504,19 +507,7 @@ def status(config_path: Path | None, fmt: str) -> None:
     store = _open_readonly(config)
     report = api.status(store)
     if fmt == "json":
-        body: dict[str, Any] = {s.value: n for s, n in report.counts.items()}
-        body["failures"] = [_with_raw_path(asdict(f)) for f in report.failures]
-        last = report.last_retag
-        body["last_retag"] = (
-            {"finished_at": f"{last.finished_at.isoformat()}Z", "ok": last.ok,
-             "message": last.message}
-            if last else None
-        )  # fmt: skip
-        body["sidecars"] = {k: v for k, v in report.sidecars.items() if k != "problems"}
-        body["sidecar_problems"] = report.sidecars.get("problems", 0)
-        body["sidecar_problem_paths"] = [
-            _with_raw_path({"path": p.path, "problem": p.problem}) for p in report.sidecar_problems
-        ]
+        body = status_record(report)
         click.echo(json.dumps(body, indent=2))
         return
     for key in (Status.PENDING, Status.TAGGED, Status.STALE, Status.FAILED, Status.DELETED):
@@ -548,6 +539,39 @@ def status(config_path: Path | None, fmt: str) -> None:
 def _open_for_writing(config: Config, command: str) -> api.Store:
     try:
         return api.open_for_writing(config, command=command)
+    except StoreError as exc:
+        raise _store_failure(exc) from None
+
+
+@cli.command()
+@config_option
+@click.option("--host", help="Address to listen on [default: web.listen's, else 127.0.0.1].")
+@click.option(
+    "--port", type=click.IntRange(1, 65535), help="Port [default: web.listen's, else 8750]."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+def web(config_path: Path | None, host: str | None, port: int | None, verbose: bool) -> None:
+    """Serve the web gallery and HTTP API (without the daemon; it can serve them too).
+
+    Browse photos by tag, search them by text, and fix tags, in a browser. Every page needs
+    the access token: from the file web.token_file names, else a new one at each start, in
+    the login URL this command logs. Listens on 127.0.0.1 unless told otherwise.
+
+    \b
+    Example:
+      cliptagd web -c config.yaml
+      cliptagd web -c config.yaml --host 0.0.0.0 --port 8080
+    """
+    from .web import ListenError, serve
+
+    config = _load(config_path)
+    _setup_logging(config, verbose)
+    try:
+        serve(config, host or config.web.host, port or config.web.port)
+    except ListenError as exc:
+        raise Failure(str(exc)) from None
+    except ConfigError as exc:
+        raise Failure(str(exc), EXIT_CONFIG) from None
     except StoreError as exc:
         raise _store_failure(exc) from None
 
@@ -734,29 +758,7 @@ def _sidecars(
 
 
 def _print_tags(rows: Sequence[TagRow], fmt: str, print0: bool = False) -> None:
-    # `by`: "you" for a tag a person added (`cliptagd tag add`), else "model".
-    records = [
-        {
-            "path": r.path,
-            "set": r.label_set,
-            "label": r.label,
-            "score": round(r.score, 4),
-            "by": "you" if r.decided else "model",
-        }
-        for r in rows
-    ]
-    _print(records, ["path", "set", "label", "score", "by"], fmt, print0)
-
-
-def _with_raw_path(record: dict[str, Any]) -> dict[str, Any]:
-    """`path` as text for people and programs; a file name that is not valid UTF-8 also
-    comes as its exact bytes, base64-encoded, in `path_b64`."""
-    path = record["path"]
-    text = display(path)
-    if text == path:
-        return record
-    raw = base64.b64encode(os.fsencode(path)).decode("ascii")
-    return {**record, "path": text, "path_b64": raw}
+    _print([tag_record(row) for row in rows], TAG_COLUMNS, fmt, print0)
 
 
 def _print(rows: list[dict[str, Any]], columns: list[str], fmt: str, print0: bool = False) -> None:
@@ -772,7 +774,7 @@ def _print(rows: list[dict[str, Any]], columns: list[str], fmt: str, print0: boo
     if print0:
         raise click.UsageError("-0/--print0 goes with --format paths")
     if "path" in columns:
-        rows = [_with_raw_path(row) for row in rows]
+        rows = [with_raw_path(row) for row in rows]
     if fmt == "json":
         click.echo(json.dumps(rows, indent=2, ensure_ascii=False))
     elif fmt == "csv":

@@ -216,6 +216,43 @@ class XmpConfig(_Frozen):
         return value
 
 
+class WebConfig(_Frozen):
+    """The web gallery and HTTP API (off unless `listen` is set; `cliptagd web` serves it
+    without the daemon)."""
+
+    # host:port ("127.0.0.1:8750", "[::1]:8750") the daemon serves the app on; None: off.
+    listen: str | None = None
+    # A file holding the access token (never the command line: other users can read that);
+    # None: a random token is made at each start and the login URL logged.
+    token_file: Path | None = None
+
+    @field_validator("listen")
+    @classmethod
+    def _check_listen(cls, value: str | None) -> str | None:
+        if value is not None:
+            split_listen(value)
+        return value
+
+    @property
+    def host(self) -> str:
+        return split_listen(self.listen or DEFAULT_LISTEN)[0]
+
+    @property
+    def port(self) -> int:
+        return split_listen(self.listen or DEFAULT_LISTEN)[1]
+
+
+DEFAULT_LISTEN = "127.0.0.1:8750"
+
+
+def split_listen(value: str) -> tuple[str, int]:
+    """("127.0.0.1", 8750) from "127.0.0.1:8750"; ("::1", 8750) from "[::1]:8750"."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not host:port (such as 127.0.0.1:8750)")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
 class Config(_Frozen):
     watch: WatchConfig
     model: ModelConfig = ModelConfig()
@@ -223,6 +260,7 @@ class Config(_Frozen):
     worker: WorkerConfig = WorkerConfig()
     label_sets: Annotated[dict[str, LabelSetConfig], Field(min_length=1)]
     xmp: XmpConfig = XmpConfig()
+    web: WebConfig = WebConfig()
     # Label embeddings are cached here; None: $CACHE_DIRECTORY (systemd) or ~/.cache/cliptagd.
     cache_dir: Path | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"

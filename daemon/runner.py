@@ -14,10 +14,12 @@ import importlib.util
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from .config import Config
 from .jobs import Outcome
+from .metrics import Runtime
 from .pipeline import Pipeline
 from .sidecars import SidecarThread, SidecarWriter
 from .store import Store
@@ -60,7 +62,7 @@ def failure_context(config: Config, model_id: str) -> str:
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _start(worker: Worker, stop: threading.Event) -> Ready:
+def _start(worker: Worker, stop: threading.Event, runtime: Runtime | None = None) -> Ready:
     """Wait for `worker`'s model; raises Stopped if `stop` is set meanwhile."""
     try:
         ready = worker.start(stop=stop)
@@ -71,6 +73,8 @@ def _start(worker: Worker, stop: threading.Event) -> Ready:
     if ready is None:
         raise Stopped
     log.info("Worker %d ready: model %s on %s", worker.pid, ready.model_id, ready.device)
+    if runtime is not None:
+        runtime.model_loaded(time.monotonic() - worker.launched_at)
     return ready
 
 
@@ -83,10 +87,12 @@ class Runner:
         stop: threading.Event,
         *,
         on_outcomes: Callable[[Sequence[Outcome]], None] | None = None,
+        runtime: Runtime | None = None,
     ) -> None:
         self.config = config
         self.stop = stop
         self.on_outcomes = on_outcomes
+        self.runtime = runtime  # the daemon's metrics, if it serves them
         self.worker = Worker(config)
         # A worker loading a reloaded config's model while the running one goes on tagging.
         self.next_worker: Worker | None = None
@@ -109,7 +115,7 @@ class Runner:
         """Wait for the model, then open the database (so a start that fails leaves no
         empty database) and catch up. Raises StartupError, or Stopped on SIGTERM."""
         try:
-            ready = _start(self.worker, self.stop)
+            ready = _start(self.worker, self.stop, self.runtime)
             self.store = Store.open(self.config.database.url, sidecars=self.config.xmp.write)
         except BaseException:
             self.worker.kill()
@@ -164,6 +170,8 @@ class Runner:
 
     def _outcomes(self, outcomes: Sequence[Outcome]) -> None:
         self.deaths = 0
+        if self.runtime is not None:
+            self.runtime.batch(len(outcomes), self.worker.last_batch_seconds)
         if self.sidecars is not None:
             self.sidecars.wake()
         if self.on_outcomes is not None:
@@ -203,7 +211,7 @@ class Runner:
         log.error("%s Starting a new worker; its photos will be tried again.", reason)
         self.worker = Worker(self.config)
         try:
-            _start(self.worker, self.stop)
+            _start(self.worker, self.stop, self.runtime)
         except Stopped:  # SIGTERM while it loads: the loop ends, nothing is held
             return
         self.pipeline.use_worker(self.worker)
@@ -232,6 +240,8 @@ class Runner:
         worker, self.next_worker = self.next_worker, None
         self._use_sidecars(self.next_config)
         log.info("Worker %d ready: model %s on %s", worker.pid, ready.model_id, ready.device)
+        if self.runtime is not None:
+            self.runtime.model_loaded(time.monotonic() - worker.launched_at)
         self._hand_over()
         self.worker, self.config, self.deaths = worker, self.next_config, 0
         # The new worker re-tagged changed label sets from the stored embeddings as it

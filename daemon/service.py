@@ -15,13 +15,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from .config import Config, ConfigError, load_config
 from .jobs import Outcome, fingerprint
 from .lock import DatabaseLock
+from .metrics import Runtime
 from .notify import Notifier
 from .pipeline import INTAKE_CHUNK, Pipeline
 from .runner import Runner, StartupError, Stopped
@@ -29,6 +30,9 @@ from .scanner import PathFilter, walk
 from .sidecars import SidecarWriter
 from .store import KEEP_DELETED, Store
 from .watcher import Watcher
+
+if TYPE_CHECKING:
+    from .web import WebServer
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +112,10 @@ class Daemon:
         self.notifier = Notifier()
         self.stopper = _Stopper()
         self.reload_requested = threading.Event()
-        self.runner = Runner(config, self.stopper.event)
+        # The web app's metrics of the running daemon (batches, model load, rate).
+        self.runtime = Runtime() if config.web.listen else None
+        self.runner = Runner(config, self.stopper.event, runtime=self.runtime)
+        self.web: WebServer | None = None
         self.watcher: Watcher | None = None
         self.scanner: threading.Thread | None = None
         self.next_rescan = float("inf")
@@ -125,6 +132,12 @@ class Daemon:
         except Stopped:
             log.info("Stopped while starting")
             return 0
+        except BaseException:
+            self.runner.shutdown()
+            self.runner.close()
+            raise
+        try:
+            self._start_web()
         except BaseException:
             self.runner.shutdown()
             self.runner.close()
@@ -151,6 +164,8 @@ class Daemon:
                     self.next_ping = now + ping_every
         finally:
             self.notifier.stopping()
+            if self.web is not None:
+                self.web.stop()
             if self.watcher is not None:
                 self.watcher.stop()
             self.runner.shutdown()
@@ -209,6 +224,30 @@ class Daemon:
             )
         self._rescan()
 
+    def _start_web(self) -> None:
+        """Serve the web gallery and API beside the daemon, if web.listen says where."""
+        if not self.config.web.listen:
+            return
+        from .web import ListenError, WebServer, create_app, load_token, login_url
+
+        try:
+            token, generated = load_token(self.config)
+        except ConfigError as exc:
+            raise StartupError(str(exc)) from None
+        web = self.config.web
+        app = create_app(self.config, token=token, runtime=self.runtime)
+        server = WebServer(app, web.host, web.port)
+        try:
+            server.start()
+        except ListenError as exc:
+            raise StartupError(str(exc)) from None
+        self.web = server
+        if generated:
+            log.info("The web app is at %s", login_url(web.host, web.port, token))
+        else:
+            log.info("The web app is at %s (token in %s)", login_url(web.host, web.port, ""),
+                     web.token_file)  # fmt: skip
+
     def _rescan_minutes(self) -> float:
         minutes = self.config.watch.rescan_minutes
         if self.watcher is not None and not self.watcher.watching:
@@ -226,6 +265,10 @@ class Daemon:
         purged = self.store.purge_deleted()
         if purged:
             log.info("Dropped %d photo(s) deleted over %d days ago", purged, KEEP_DELETED.days)
+        if self.web is not None:
+            from .web.thumbs import prune
+
+            prune(self.config.cache_path, self.store.fingerprints())
         self.scanner = _scan_in_background(
             self.config.watch.paths,
             _path_filter(self.config),
@@ -258,6 +301,8 @@ class Daemon:
             log.error("Keeping the running config; the new one is refused: %s", exc)
             self.notifier.ready(self._status())
             return
+        if new.web != self.config.web:
+            log.warning("Reloading: web settings take effect at the next restart")
         old, self.config = self.config, new
         _apply_log_level(new)
         if new.watch != old.watch and self.watcher is not None:

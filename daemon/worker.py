@@ -59,6 +59,7 @@ class Fatal:
 @dataclass(frozen=True)
 class Batch:
     outcomes: tuple[Outcome, ...]
+    seconds: float | None = None  # model time, when the model ran (for the metrics)
 
 
 Message = Ready | Fatal | Batch
@@ -75,6 +76,8 @@ class Worker:
         self._stop: Any = None
         self._process: SpawnProcess | None = None
         self.ready: Ready | None = None
+        self.launched_at = 0.0  # time.monotonic() when the process started
+        self.last_batch_seconds: float | None = None  # model time of the last batch
 
     def start(self, timeout: float = 600.0, stop: threading.Event | None = None) -> Ready | None:
         """Start the process and wait until its model and label sets are loaded (None, and
@@ -95,6 +98,7 @@ class Worker:
             daemon=True,
         )
         self._process.start()
+        self.launched_at = time.monotonic()
 
     def wait_ready(
         self, timeout: float = 600.0, stop: threading.Event | None = None
@@ -142,6 +146,7 @@ class Worker:
         """The outcomes of one finished batch, or [] when none came within `timeout`."""
         message = self._get(timeout)
         if isinstance(message, Batch):
+            self.last_batch_seconds = message.seconds
             return list(message.outcomes)
         if isinstance(message, Fatal):
             raise WorkerError(message.message)
@@ -389,6 +394,7 @@ class _ModelLoop:
 
         outcomes = [item for item in batch if isinstance(item, Outcome)]
         decoded = [item for item in batch if not isinstance(item, Outcome)]
+        elapsed = None
         if decoded:
             try:
                 started = time.perf_counter()
@@ -404,7 +410,7 @@ class _ModelLoop:
                     Outcome(job, error=f"model error ({type(exc).__name__}: {exc})", retry=True)
                     for job, *_ in decoded
                 )
-        self.messages.put(Batch(tuple(outcomes)))
+        self.messages.put(Batch(tuple(outcomes), elapsed))
         with self.pending_lock:
             self.pending -= len(batch)
         for _ in batch:

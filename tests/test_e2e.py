@@ -450,6 +450,7 @@ def test_fetch_model_saves_a_local_dir_that_tags_the_same(
     )
 
 
+@pytest.mark.slow  # 18 s; the quick run keeps the end-to-end tests above
 def test_a_day_of_real_use(
     tmp_path: Path, make_config: ConfigFactory, photo_dir: Path, rng: random.Random
 ) -> None:

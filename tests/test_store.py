@@ -598,3 +598,19 @@ def test_the_last_retag_is_kept_for_status(store: Store) -> None:
     store.record_retag(False, "failed: OSError: disk full")
     last = store.last_retag()
     assert last is not None and (last.ok, last.message) == (False, "failed: OSError: disk full")
+
+
+def test_query_pages_count_photos(store: Store) -> None:
+    store.enqueue(FileStat(f"/p/{i}.jpg", 1, 1.0) for i in range(5))
+    jobs = store.claim(5)
+    outcomes = [
+        tagged(job, ("s", "red", 0.9 - i / 10), ("s", "round", 0.5)) for i, job in enumerate(jobs)
+    ]
+    store.save_results(outcomes, "m", 3)
+    one = [r.path for r in store.query(carrying("red", limit=2, offset=2))]
+    assert one == ["/p/2.jpg", "/p/3.jpg"]
+    both = store.query(TagQuery(any_tags=("red", "round"), limit=2, offset=3, sort="path"))
+    assert sorted({r.path for r in both}) == ["/p/3.jpg", "/p/4.jpg"]
+    assert len(both) == 4  # every asked tag of each of the two photos
+    assert [r.path for r in store.query(carrying("red", offset=4))] == ["/p/4.jpg"]
+    assert {r.photo_id for r in store.query(carrying("red"))} == {job.photo_id for job in jobs}

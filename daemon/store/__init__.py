@@ -14,7 +14,16 @@ waits and tries again (schema.waits_for_locks).
                 the sidecar outbox
 """
 
-from .reader import LabelCount, PhotoState, Reader, RetagState, SidecarState, TagQuery, TagRow
+from .reader import (
+    LabelCount,
+    PhotoInfo,
+    PhotoState,
+    Reader,
+    RetagState,
+    SidecarState,
+    TagQuery,
+    TagRow,
+)
 from .schema import BUSY_TIMEOUT, StoreError, UnsupportedDatabase, sqlite_file, waits_for_locks
 from .writer import (
     KEEP_DELETED,
@@ -32,6 +41,7 @@ __all__ = [
     "KEEP_DELETED",
     "RETRY_DELAY",
     "LabelCount",
+    "PhotoInfo",
     "PhotoRow",
     "PhotoState",
     "Reader",

@@ -50,6 +50,7 @@ class TagRow:
     label: str
     score: float
     decided: bool = False  # a person added it (its score is then 1.0)
+    photo_id: int = 0
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TagQuery:
     since: float | None = None  # file mtime, seconds since the epoch
     until: float | None = None
     limit: int | None = None
+    offset: int = 0  # photos to skip first (the next page), in `sort` order
     sort: Literal["score", "time", "path"] = "score"
 
 
@@ -90,6 +92,21 @@ class PhotoState:
     path: str
     status: str
     error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class PhotoInfo:
+    """One photo as the database knows it, looked up by id (the web app's address)."""
+
+    id: int
+    path: str
+    status: str
+    error: str | None
+    size: int
+    mtime: float  # seconds since the epoch
+    tagged_at: datetime | None  # UTC
+    fingerprint: str | None
+    model_id: str | None
 
 
 def under_folder(folder: str) -> ColumnElement[bool]:
@@ -296,6 +313,39 @@ class Reader:
             states = [_photo_state(row) for row in conn.execute(stmt)]
         return {state.path: state for state in states}
 
+    def photo(self, photo_id: int) -> PhotoInfo | None:
+        """The photo with this id, whatever its status; None if there is none."""
+        stmt = select(
+            Photo.id, Photo.path, Photo.raw_path, Photo.status, Photo.error, Photo.size,
+            Photo.mtime, Photo.tagged_at, Photo.fingerprint, Photo.model_id,
+        ).where(Photo.id == photo_id)  # fmt: skip
+        with self.engine.connect() as conn:
+            row = conn.execute(stmt).first()
+        if row is None:
+            return None
+        path = from_db(row.path, row.raw_path)
+        return PhotoInfo(
+            row.id, path, row.status, row.error, row.size, row.mtime, row.tagged_at,
+            row.fingerprint, row.model_id,
+        )  # fmt: skip
+
+    def photo_ids(self, paths: Sequence[str]) -> dict[str, int]:
+        """The ids of the given photos (as known, deleted ones left out), by path."""
+        stmt = select(Photo.id, Photo.path, Photo.raw_path).where(
+            Photo.path.in_([display(p) for p in paths]), Photo.status != Status.DELETED
+        )
+        with self.engine.connect() as conn:
+            return {from_db(r.path, r.raw_path): r.id for r in conn.execute(stmt)}
+
+    def fingerprints(self) -> set[str]:
+        """The content fingerprints of every photo the queries show (thumbnails are kept
+        for these, and no others)."""
+        stmt = select(Photo.fingerprint).where(
+            Photo.status.in_(VISIBLE), Photo.fingerprint.is_not(None)
+        )
+        with self.engine.connect() as conn:
+            return set(conn.scalars(stmt))
+
     def failures(self, limit: int = 20) -> list[PhotoState]:
         """The most recently failed photos with their reasons."""
         stmt = (
@@ -318,8 +368,12 @@ class Reader:
                 select(LabelTotal.label_set, LabelTotal.label, LabelTotal.count)
             ):
                 totals[row.label_set, row.label] = int(row[2])
+            # With no decision in the database (most of them), the triggers' counts are exact.
+            has_decisions = conn.scalar(select(Decision.photo_id).limit(1)) is not None
             decided = select(Decision.photo_id).distinct()
-            for sign, source in ((-1, _COMPUTED.subquery()), (1, _EFFECTIVE.subquery())):
+            for sign, source in (
+                ((-1, _COMPUTED.subquery()), (1, _EFFECTIVE.subquery())) if has_decisions else ()
+            ):
                 stmt = (
                     select(source.c.label_set, source.c.label, func.count().label("n"))
                     .join(Photo, Photo.id == source.c.photo_id)
@@ -495,23 +549,30 @@ def _query(q: TagQuery, shown: Subquery) -> Any:
         "time": (Photo.mtime.desc(), Photo.path, score.desc()),
         "path": (Photo.path, score.desc()),
     }[q.sort]
-    if q.limit is not None and len(asked) == 1:
-        stmt = stmt.limit(q.limit)  # one row per photo: straight from the index
-    elif q.limit is not None:
+    if (q.limit is not None or q.offset) and len(asked) == 1:
+        # One row per photo: straight from the index.
+        stmt = stmt.limit(q.limit if q.limit is not None else -1).offset(q.offset)
+    elif q.limit is not None or q.offset:
         # Several rows per photo: pick the photos first, then all their rows.
         best = {
             "score": (func.max(score).desc(), Photo.path),
             "time": (Photo.mtime.desc(), Photo.path),
             "path": (Photo.path,),
         }[q.sort]
-        photos = stmt.with_only_columns(Photo.id).group_by(Photo.id).order_by(*best).limit(q.limit)
+        photos = (
+            stmt.with_only_columns(Photo.id)
+            .group_by(Photo.id)
+            .order_by(*best)
+            .limit(q.limit if q.limit is not None else -1)
+            .offset(q.offset)
+        )
         stmt = stmt.where(Photo.id.in_(photos))
     return stmt.order_by(*order)
 
 
 def _tag_row(row: Any) -> TagRow:
     path = from_db(row.path, row.raw_path)
-    return TagRow(path, row.label_set, row.label, row.score, bool(row.decided))
+    return TagRow(path, row.label_set, row.label, row.score, bool(row.decided), row.id)
 
 
 def _photo_state(row: Any) -> PhotoState:

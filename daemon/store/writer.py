@@ -592,15 +592,6 @@ class Store(Reader):
             self._queue_sidecars(conn, affected)
             return removed
 
-    @waits_for_locks
-    def photo_ids(self, paths: Sequence[str]) -> dict[str, int]:
-        """The ids of the given photos (as known, deleted ones left out), by path."""
-        stmt = select(Photo.id, Photo.path, Photo.raw_path).where(
-            Photo.path.in_([display(p) for p in paths]), Photo.status != Status.DELETED
-        )
-        with self.engine.connect() as conn:
-            return {from_db(r.path, r.raw_path): r.id for r in conn.execute(stmt)}
-
     # -- XMP sidecars (see sidecars.py) -----------------------------------------------------
 
     def _queue_sidecars(self, conn: Connection, photo_ids: Sequence[int]) -> None:

@@ -614,3 +614,28 @@ def test_query_pages_count_photos(store: Store) -> None:
     assert len(both) == 4  # every asked tag of each of the two photos
     assert [r.path for r in store.query(carrying("red", offset=4))] == ["/p/4.jpg"]
     assert {r.photo_id for r in store.query(carrying("red"))} == {job.photo_id for job in jobs}
+
+
+def test_a_reader_serves_many_threads_at_once(store: Store) -> None:
+    """The web app reads from dozens of threads through one Reader: none may lose its
+    connection to another (an in-memory-style pool closes connections of other threads)."""
+    store.enqueue(FileStat(f"/p/{i}.jpg", 1, 1.0) for i in range(20))
+    reader = Reader.open(store.url)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(24)
+
+    def read() -> None:
+        try:
+            barrier.wait()
+            for _ in range(20):
+                assert reader.counts()["pending"] == 20
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=read) for _ in range(24)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    reader.close()
+    assert errors == []

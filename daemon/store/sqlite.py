@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.dml import Insert
 
 # Rows (or ids) per statement: well under SQLite's bound-variable limit.
@@ -37,6 +38,11 @@ def connect(url: str, file: Path | None, *, readonly: bool, busy_timeout: float)
             creator=lambda: sqlite3.connect(
                 uri, uri=True, timeout=busy_timeout, check_same_thread=False
             ),
+            # A pool of connections shared by threads, as a file URL gets: "sqlite://" alone
+            # would mean an in-memory database, whose pool keeps one connection per thread
+            # and closes others' in use when many threads read (the web app's do).
+            poolclass=QueuePool,
+            max_overflow=64,
         )
     else:
         engine = create_engine(url, connect_args={"timeout": busy_timeout})

@@ -265,7 +265,9 @@ class Daemon:
         purged = self.store.purge_deleted()
         if purged:
             log.info("Dropped %d photo(s) deleted over %d days ago", purged, KEEP_DELETED.days)
-        if self.web is not None:
+        if (self.config.cache_path / "thumbs").is_dir():
+            # The web gallery's thumbnails (this daemon's, or `cliptagd web`'s) of photos
+            # no longer in the database go.
             from .web.thumbs import prune
 
             prune(self.config.cache_path, self.store.fingerprints())

@@ -395,6 +395,7 @@ def test_heic_without_pillow_heif_says_to_install_the_extra(tmp_path: Path) -> N
 # -- in the worker process ------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a worker process or a network timeout: seconds
 def test_the_worker_logs_its_batches_and_pillows_warnings(
     tmp_path: Path,
     make_config: ConfigFactory,

@@ -199,6 +199,7 @@ logging.getLogger("huggingface_hub.file_download").warning("a warning of the hub
 """
 
 
+@pytest.mark.slow  # a worker process or a network timeout: seconds
 def test_unreachable_hub_fails_at_once_and_its_warnings_print_once(tmp_path: Path) -> None:
     """As with no network: HF_HUB_OFFLINE unset, and the hub a local port nobody listens on
     (refused at once; nothing leaves the machine)."""

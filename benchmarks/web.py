@@ -56,15 +56,6 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def timed(reps: int, run: Any) -> float:
-    seconds = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        run()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
 def browser_load(port: int, url: str, reps: int) -> float | None:
     """Seconds Chromium takes from navigating to the page until its load event (every
     thumbnail loaded), a fresh browser cache each time; None without Chromium."""
@@ -179,8 +170,10 @@ def main() -> int:
                     response.raise_for_status()
 
         with_thumbnails()  # makes the thumbnails (the cache is what is timed)
-        results["page_html_s"] = timed(args.reps, html)
-        results["page_with_cached_thumbnails_s"] = timed(max(3, args.reps // 2), with_thumbnails)
+        results["page_html_s"] = database.timed(args.reps, html)
+        results["page_with_cached_thumbnails_s"] = database.timed(
+            max(3, args.reps // 2), with_thumbnails
+        )
         results["browser_page_load_s"] = browser_load(port, page_url, args.reps)
         print(f"page of {PAGE}: {results['page_html_s'] * 1000:.0f} ms (HTML); with its "
               f"thumbnails {results['page_with_cached_thumbnails_s'] * 1000:.0f} ms (Python "
@@ -196,7 +189,7 @@ def main() -> int:
         while client.get("/api/search", params={"q": "warm up"}).status_code == 503:
             time.sleep(0.5)  # the text model loads in the background the first time
         results["search_first_s_incl_model_load"] = time.perf_counter() - started
-        results["search_s"] = timed(args.reps, search)
+        results["search_s"] = database.timed(args.reps, search)
         print(f"text search over {args.photos} photos: {results['search_s'] * 1000:.0f} ms "
               f"(target < 1 s; first one with the model load "
               f"{results['search_first_s_incl_model_load']:.1f} s)", flush=True)  # fmt: skip

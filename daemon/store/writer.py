@@ -640,13 +640,18 @@ class Store(Reader):
 
     @waits_for_locks
     def photo_rows(self, photo_ids: Collection[int]) -> dict[int, PhotoRow]:
+        """The path, status and model of each of these photos (those that exist), by id."""
         stmt = select(Photo.id, Photo.path, Photo.raw_path, Photo.status, Photo.model_id)
+        ids = list(photo_ids)
+        out: dict[int, PhotoRow] = {}
         with self.engine.connect() as conn:
-            rows = conn.execute(stmt.where(Photo.id.in_(list(photo_ids))))
-            return {
-                r.id: PhotoRow(r.id, from_db(r.path, r.raw_path), r.status, r.model_id)
-                for r in rows
-            }
+            for start in range(0, len(ids), CHUNK):
+                rows = conn.execute(stmt.where(Photo.id.in_(ids[start : start + CHUNK])))
+                out.update(
+                    (r.id, PhotoRow(r.id, from_db(r.path, r.raw_path), r.status, r.model_id))
+                    for r in rows
+                )
+        return out
 
     @waits_for_locks
     def photos_starting(self, prefix: str) -> list[PhotoRow]:

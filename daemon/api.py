@@ -38,6 +38,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .config import Config, ConfigError, LabelSetConfig, Mode, find_config, load_config
+from .evaluate import (
+    Confusion,
+    Evaluation,
+    LabelScore,
+    MissingExtra,
+    PhotoResult,
+    TruthError,
+    judge,
+    read_truth,
+    require_extra,
+)
 from .lock import DatabaseLock, Locked, check_owner
 from .models import VISIBLE, Action, Status
 from .paths import display, normalise, normalise_folder
@@ -54,6 +65,7 @@ from .store import (
     TagQuery,
     TagRow,
     UnsupportedDatabase,
+    sqlite_file,
 )
 
 if TYPE_CHECKING:  # at run time, see __getattr__
@@ -67,7 +79,8 @@ __all__ = [
     "Config", "ConfigError", "FetchedModel", "LabelCount", "NoEmbedding", "PhotoState",
     "PhotoTags", "Reader", "RetagReport", "Status", "StatusReport", "Store", "StoreError",
     "TagQuery", "TagRow", "UnknownName", "UnsupportedDatabase", "Decided", "Locked",
-    "SidecarState", "all_scores", "check_label_sets", "check_names", "clear_decisions",
+    "SidecarState", "Evaluation", "LabelScore", "Confusion", "PhotoResult", "TruthError",
+    "MissingExtra", "all_scores", "evaluate", "check_label_sets", "check_names", "clear_decisions",
     "decide", "fetch_model", "flush_sidecars", "load_tagger", "open_database",
     "open_for_writing", "query", "queue_sidecars", "read_config", "remove_sidecars", "retag",
     "search_index_dir", "search_text", "similar", "status", "tags_of", "write_sidecars",
@@ -503,3 +516,51 @@ def retag(
     _check_sets(configured, sets)
     only = list(configured) if every else (list(sets) or None)
     return _retag(store, tagger, only, on_chunk=on_chunk)
+
+
+# -- judging a label set -----------------------------------------------------------------------
+
+
+def evaluate(
+    config: Config,
+    label_set: str,
+    truth: str | os.PathLike[str],
+    *,
+    tagger: ClipTagger | None = None,
+    progress: Callable[[int], object] | None = None,
+) -> Evaluation:
+    """How well `label_set` tags the photos of `truth` (a folder with a sub-folder of photos
+    per label, or a CSV of path,label rows): per label precision, recall, F1 and the
+    threshold that would do best, the averages, and the costliest confusions.
+
+    Photos the database holds by the tagger's model are scored from their stored embedding;
+    the others are read and encoded, and not added to the library. People's tag decisions
+    play no part: this judges the model and the prompts. Loads the model unless `tagger` is
+    given; `progress(photos)` after each encoded batch. Raises UnknownName (the set, or a
+    truth label the set lacks), TruthError, MissingExtra, StoreError, ModelLoadError.
+    """
+    spec = _label_set(config, label_set)
+    require_extra()
+    found = read_truth(truth, config.watch.extensions)
+    unknown = sorted(found.labels - set(spec.label_names))
+    if unknown:
+        raise UnknownName(
+            "; ".join(
+                f"the truth's label {label!r} is not in the set {label_set!r}"
+                f"{_did_you_mean(label, spec.label_names)}"
+                for label in unknown
+            )
+        )
+    if spec.mode is Mode.SINGLE:
+        found.check_single(label_set)
+    if tagger is None:
+        tagger = load_tagger(config)
+    elif label_set not in {s.name for s in tagger.sets}:
+        raise UnknownName(f"the tagger has no label set named {label_set!r}")
+    # No database yet is no stored embedding: every photo is encoded.
+    file = sqlite_file(config.database.url)
+    with contextlib.ExitStack() as stack:
+        store = None
+        if file is None or file.exists():
+            store = stack.enter_context(open_database(config))
+        return judge(tagger, label_set, found, store, config.worker, progress)

@@ -469,6 +469,107 @@ def retag(config_path: Path | None, sets: tuple[str, ...], every: bool, no_progr
     click.echo(report.summary)
 
 
+@cli.command("eval")
+@config_option
+@click.option("--set", "label_set", required=True, help="The label set to judge.")
+@click.argument("truth", type=click.Path(path_type=Path))
+@_choose_format(("table", "json"), "table for people, json for programs.")
+@click.option(
+    "--plot", type=click.Path(dir_okay=False, path_type=Path),
+    help="Also save a chart here as an 800x600 PNG: the confusion matrix of a single set, "
+    "each label's precision-recall curve for a multi set.",
+)  # fmt: skip
+@click.option("--no-progress", is_flag=True, help="Do not show the progress bar.")
+def eval_(
+    config_path: Path | None,
+    label_set: str,
+    truth: Path,
+    fmt: str,
+    plot: Path | None,
+    no_progress: bool,
+) -> None:
+    """Judge a label set on photos whose labels you know: which labels are weak, and why.
+
+    TRUTH is a folder with one sub-folder of example photos per label (named as the label),
+    or a CSV of path,label rows (paths relative to the CSV); for a multi set, a photo may
+    carry several labels (several rows, or linked into several folders). The photos are
+    tagged with the set as configured, from their stored embeddings where the library has
+    them (seconds), else read and encoded, never added to the library; your own tag
+    decisions play no part. Prints per label precision, recall, F1, the number of truth
+    photos (support) and the threshold at which its F1 would be best; the accuracy (single
+    sets), micro and macro F1, and the confusions that cost most (truth ->
+    predicted; "(none)": no label given, or a label given that the truth lacks). An
+    unreadable truth photo is named on stderr and left out. Needs the `eval` extra:
+    pip install 'cliptagd[eval]'.
+
+    \b
+    Example:
+      cliptagd eval -c config.yaml --set scene ~/truth/scene
+      cliptagd eval -c config.yaml --set content truth.csv --format json --plot pr.png
+    """
+    from tqdm import tqdm
+
+    config = _load(config_path)
+    _setup_logging(config)
+    try:
+        with tqdm(desc="Encoding", unit="photo", disable=no_progress or None) as bar:
+            evaluation = api.evaluate(config, label_set, truth, progress=bar.update)
+    except (api.UnknownName, api.TruthError, api.MissingExtra) as exc:
+        raise Failure(str(exc)) from None
+    except StoreError as exc:
+        raise _store_failure(exc) from None
+    except api.ModelLoadError as exc:  # imported with the model, so only then
+        raise Failure(str(exc)) from None
+    for path, reason in evaluation.unreadable:
+        click.echo(f"cliptagd: {display(path)}: {reason} (left out)", err=True)
+    if fmt == "json":
+        click.echo(json.dumps(evaluation.record(), indent=2, ensure_ascii=False))
+    else:
+        _print_evaluation(evaluation)
+    if plot is not None:
+        try:
+            evaluation.save_plot(plot)
+        except OSError as exc:
+            raise Failure(f"Cannot write the chart {plot}: {exc.strerror or exc}") from None
+
+
+# Confusions a table shows; --format json lists every one.
+SHOWN_CONFUSIONS = 10
+
+
+def _print_evaluation(evaluation: api.Evaluation) -> None:
+    from tabulate import tabulate
+
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
+    rows = [
+        [s.label, figure(s.precision), figure(s.recall), figure(s.f1), s.support,
+         "-" if s.best_threshold is None else f"{s.best_threshold:g}", figure(s.best_f1)]
+        for s in evaluation.labels
+    ]  # fmt: skip
+    headers = ["label", "precision", "recall", "f1", "support", "best threshold", "f1 there"]
+    click.echo(tabulate(rows, headers=headers, disable_numparse=True))
+    sources = f"{evaluation.from_database} from the database, {evaluation.encoded} encoded"
+    click.echo(
+        f"\n{evaluation.label_set} ({evaluation.mode}): {len(evaluation.photos)} photo(s), "
+        f"{sources}; the set's threshold is {evaluation.threshold:g}"
+    )
+    averages = f"micro F1 {evaluation.micro_f1:.3f}, macro F1 {evaluation.macro_f1:.3f}"
+    if evaluation.accuracy is not None:
+        averages = f"accuracy {evaluation.accuracy:.3f}, {averages}"
+    click.echo(averages[0].upper() + averages[1:])
+    if not evaluation.confusions:
+        click.echo("No confusions.")
+        return
+    click.echo("Confusions that cost most (truth -> predicted: photos):")
+    for confusion in evaluation.confusions[:SHOWN_CONFUSIONS]:
+        click.echo(f"  {confusion.truth} -> {confusion.predicted}: {confusion.count}")
+    hidden = len(evaluation.confusions) - SHOWN_CONFUSIONS
+    if hidden > 0:
+        click.echo(f"  ... and {hidden} more (--format json lists every one)")
+
+
 @cli.command()
 @config_option
 @data_format_option

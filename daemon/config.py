@@ -125,11 +125,28 @@ class WorkerConfig(_Frozen):
 
 
 class LabelSpec(_Frozen):
-    """A label with its own prompts instead of the set's templates."""
+    """A label with its own prompts instead of the set's templates, and photos that show it."""
 
     name: Annotated[str, Field(min_length=1)]
+    # None: the set's templates. [] (with examples): no text at all, the examples alone say
+    # what the label is (for a name that means nothing to the model).
     prompts: tuple[str, ...] | None = None
     negative_prompts: tuple[str, ...] | None = None
+    # Photos of the label: files, folders (their photos, sub-folders too) or globs; relative
+    # ones are relative to the config file's folder (see examples.py).
+    examples: tuple[str, ...] = ()
+    # Photos that are not the label: what it must not be mistaken for (see examples.py).
+    negative_examples: tuple[str, ...] = ()
+
+    @property
+    def has_text(self) -> bool:
+        """Whether the label has prompts (its own or the set's templates)."""
+        return self.prompts != ()
+
+    @property
+    def taught(self) -> bool:
+        """Whether the label has example photos, of it or of what it is not."""
+        return bool(self.examples or self.negative_examples)
 
 
 class LabelSetConfig(_Frozen):
@@ -146,6 +163,19 @@ class LabelSetConfig(_Frozen):
     top_k: Annotated[int, Field(ge=1)] | None = None
     # Whether this set's tags go into XMP sidecars (when xmp.write is on).
     xmp: bool = True
+    # How much a label's examples weigh against its text, 0..1: the label's vector is
+    # normalise((1 - w) * text + w * mean of the examples), each part unit length (see
+    # examples.py). 0.2 is CLIP-Adapter's residual ratio for generic datasets such as
+    # ImageNet (Gao et al. 2021, "CLIP-Adapter: Better Vision-Language Models with Feature
+    # Adapters"). With real CLIP models, photo-to-photo similarities spread several times
+    # wider than photo-to-text ones, so 0.2 already gives the examples about as much say as
+    # the text, as Tip-Adapter's residual ratio of about 1 gives its cache of examples
+    # against the zero-shot logits (Zhang et al. 2022). Not measured on real photos here.
+    examples_weight: Annotated[float, Field(ge=0, le=1)] = 0.2
+    # Photos people tagged by hand (cliptagd tag, the web page) teach the set's labels: an
+    # added label is an example of it, a removed one an example of what it is not. Read from
+    # the stored embeddings at each start and `cliptagd retag`.
+    learn_from_decisions: bool = False
 
     @field_validator("templates", "negative_templates")
     @classmethod
@@ -168,6 +198,13 @@ class LabelSetConfig(_Frozen):
             raise ValueError("a single-mode set needs at least two labels to choose between")
         if self.mode is Mode.SINGLE and self.negative_templates is not None:
             raise ValueError("negative_templates only applies to multi-mode sets")
+        # Checked here, not in LabelSpec: a label's own errors are lost in the union with str.
+        for spec in self.label_specs:
+            if not spec.has_text and not spec.examples:
+                raise ValueError(
+                    f"label {spec.name!r} has prompts: [] and no examples: nothing would say "
+                    "what it is (give it examples, or drop prompts: [] to use the templates)"
+                )
         return self
 
     @property
@@ -179,6 +216,33 @@ class LabelSetConfig(_Frozen):
     @property
     def label_names(self) -> tuple[str, ...]:
         return tuple(spec.name for spec in self.label_specs)
+
+    @property
+    def taught(self) -> bool:
+        """Whether anything but text shapes this set's labels: examples, or decisions."""
+        return self.learn_from_decisions or any(spec.taught for spec in self.label_specs)
+
+    def examples_under(self, base: Path) -> LabelSetConfig:
+        """This set with relative example paths made relative to `base` (the config's folder)."""
+        if not any(spec.taught for spec in self.label_specs):
+            return self
+
+        def under(entries: tuple[str, ...]) -> tuple[str, ...]:
+            # Not resolve(): a glob's pattern must stay as written.
+            return tuple(str(base / Path(entry).expanduser()) for entry in entries)
+
+        labels = tuple(
+            label.model_copy(
+                update={
+                    "examples": under(label.examples),
+                    "negative_examples": under(label.negative_examples),
+                }
+            )
+            if isinstance(label, LabelSpec) and label.taught
+            else label
+            for label in self.labels
+        )
+        return self.model_copy(update={"labels": labels})
 
     @property
     def effective_threshold(self) -> float:
@@ -338,7 +402,10 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     # (paths.py), so that a photo has one path however it was named.
     roots = tuple(Path(normalise_folder(base / p.expanduser())) for p in config.watch.paths)
     watch = config.watch.model_copy(update={"paths": roots})
-    update: dict[str, Any] = {"watch": watch}
+    update: dict[str, Any] = {
+        "watch": watch,
+        "label_sets": {name: s.examples_under(base) for name, s in config.label_sets.items()},
+    }
     if config.cache_dir is not None:
         update["cache_dir"] = resolve(config.cache_dir)
     url = config.database.url

@@ -1,8 +1,9 @@
 """Re-tagging from stored embeddings: when label sets change, no photo is read again.
 
-Each label set's tags carry a digest of what made them (the model and the set's config). A
-set whose digest changed is scored again from the stored image embeddings, in chunks, one
-transaction per chunk, so queries keep answering; a set gone from the config loses its tags.
+Each label set's tags carry a digest of what made them (the model, the set's config, and what
+taught it: its example files, the decisions it learns from). A set whose digest changed is
+scored again from the stored image embeddings, in chunks, one transaction per chunk, so
+queries keep answering; a set gone from the config loses its tags.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .config import LabelSetConfig
+from .examples import learn_from_decisions
 from .store import Store
 
 if TYPE_CHECKING:
@@ -25,12 +27,29 @@ log = logging.getLogger(__name__)
 # Photos per transaction: big enough to be fast, small enough not to hold readers up.
 CHUNK = 5000
 
+# The settings of teaching by example, which a set taught nothing leaves out of its digest.
+_TEACHING = {"examples", "negative_examples", "examples_weight", "learn_from_decisions"}
 
-def set_digest(model_id: str, name: str, spec: LabelSetConfig) -> str:
+
+def set_digest(model_id: str, name: str, spec: LabelSetConfig, taught: str = "") -> str:
     """Changes whenever the tags of this set could: the model, labels, prompts, threshold...
-    (not whether they go into sidecars)."""
-    settings = spec.model_dump(mode="json", exclude={"xmp"})
-    blob = json.dumps([model_id, name, settings], sort_keys=True)
+    (not whether they go into sidecars), and, for a taught set, its examples' files and the
+    decisions it learns from (`taught`: ClipTagger.taught)."""
+    settings = spec.model_dump(mode="json", exclude={"xmp"} | _TEACHING)
+    for label in settings["labels"]:
+        if isinstance(label, dict):
+            for key in _TEACHING:
+                label.pop(key, None)
+    parts: list[object] = [model_id, name, settings]
+    # Only a taught set says so: the digests of the others stay those of before examples
+    # existed, so upgrading re-tags nothing.
+    if spec.taught:
+        teaching = spec.model_dump(mode="json", include=_TEACHING)
+        teaching["labels"] = [
+            label.model_dump(mode="json", include=_TEACHING) for label in spec.label_specs
+        ]
+        parts += [teaching, taught]
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -57,8 +76,11 @@ def retag(
     `only`: re-tag these sets whatever their digest says. Photos without an embedding of the
     current model are not touched here: they are stale, and re-encoded by the worker.
     """
+    # Sets that learn from people's decisions learn the latest first: their vectors, and so
+    # their digests, follow the decisions.
+    learn_from_decisions(store, tagger)
     wanted = {
-        name: set_digest(tagger.model_id, name, spec)
+        name: set_digest(tagger.model_id, name, spec, tagger.taught(name))
         for name, spec in tagger.label_set_configs.items()
     }
     stored = store.label_set_digests()

@@ -3,6 +3,8 @@ float16 matrix product of search.py).
 
 The zero-shot recipe of CLIP: each label's prompts are encoded once (and cached on disk), each
 photo is encoded once, and a label's score is the softmax of the scaled cosine similarities.
+Labels taught by example photos or people's decisions blend those into their vectors (the
+rules are in examples.py; the arithmetic is `blend`).
 """
 
 from __future__ import annotations
@@ -23,19 +25,42 @@ from typing import Any
 import huggingface_hub
 import open_clip
 import torch
+import torch.nn.functional as F
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 
-from .config import HF_HUB, LOCAL_DIR, LabelSetConfig, Mode, ModelConfig
+from .config import HF_HUB, LOCAL_DIR, LabelSetConfig, Mode, ModelConfig, WorkerConfig
+from .decode import UnreadableImage, open_rgb, register_heif
+from .examples import (
+    COUNTER_WEIGHT,
+    Decided,
+    ExampleFile,
+    UnusableExample,
+    decisions_digest,
+    example_files,
+)
 from .jobs import TagScore
+from .models import Action
 
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
+# Where a saved model keeps its Hugging Face text tower's config.json (multilingual models
+# such as xlm-roberta-base-ViT-B-32): open_clip builds that tower from the config alone before
+# loading our weights, and would otherwise ask the hub for it. The tokenizer's files sit in the
+# folder itself, where open_clip's get_tokenizer looks for them in a local-dir: model.
+HF_TEXT_DIR = "hf_text"
+
 # Prompts encoded per forward pass when embedding labels: enough to keep the text encoder
 # busy, few enough that a 1,000-label set does not need gigabytes at once.
 PROMPTS_PER_PASS = 256
+
+# Example photos decoded per forward pass: a few hundred MB of pixels at most for ViT-B.
+EXAMPLES_PER_PASS = 32
+
+# Example photos are refused above the worker's default pixel limit (decompression bombs).
+EXAMPLE_MAX_PIXELS: int = WorkerConfig.model_fields["max_pixels"].default
 
 Template = str | Callable[[str], str]
 
@@ -50,6 +75,11 @@ OFFLINE_ADVICE = (
 
 class ModelLoadError(Exception):
     """The model cannot be loaded; the message says why and what to do."""
+
+
+class ExampleError(ModelLoadError):
+    """A label's example photos cannot be used; the message names the set, label and file.
+    A ModelLoadError: like a model that is not there, retrying will not help."""
 
 
 @dataclass(frozen=True)
@@ -111,14 +141,23 @@ def set_prompts(spec: LabelSetConfig) -> tuple[list[list[str]], list[list[str]] 
         if spec.negative_templates is not None
         else [_negated(t) for t in templates]
     )
-    positives, negatives = [], []
+    positives: list[list[str]] = []
+    negatives: list[list[str]] = []
     for label in spec.label_specs:
-        positives.append(list(label.prompts) if label.prompts else _render(templates, label.name))
-        negatives.append(
-            list(label.negative_prompts)
-            if label.negative_prompts
-            else _render(negative_templates, label.name)
-        )
+        # A label with prompts: [] has no text at all (its examples say what it is): no
+        # prompt, and no negative prompt but its own.
+        if not label.has_text:
+            positives.append([])
+        elif label.prompts:
+            positives.append(list(label.prompts))
+        else:
+            positives.append(_render(templates, label.name))
+        if label.negative_prompts:
+            negatives.append(list(label.negative_prompts))
+        elif not label.has_text:
+            negatives.append([])
+        else:
+            negatives.append(_render(negative_templates, label.name))
     return positives, (negatives if spec.mode is Mode.MULTI else None)
 
 
@@ -138,6 +177,80 @@ def _negated(template: Template) -> Template:
 
 def _render(templates: Sequence[Template], label: str) -> list[str]:
     return [t.replace("{}", label) if isinstance(t, str) else t(label) for t in templates]
+
+
+@dataclass(frozen=True)
+class Taught:
+    """What teaches one label: its examples' and counter-examples' embeddings ([n, dim]
+    unit rows each, None for none)."""
+
+    examples: torch.Tensor | None = None
+    counter: torch.Tensor | None = None
+
+
+def blend(
+    mode: Mode,
+    text: torch.Tensor,
+    negative_text: torch.Tensor | None,
+    taught: Sequence[Taught],
+    weight: float,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A set's label (and negative) vectors, [dim, labels], with its examples blended in:
+    normalise((1 - weight) * text + weight * image) per label, by the rules of examples.py.
+
+    `text` and `negative_text` hold one unit column per label, a zero column for a label
+    without text. A set taught fewer than two groups of photos (one label's examples, say)
+    comes back as it went in: blended in, a lone group would move every label alike, less
+    the distortions of the normalisation.
+    """
+    examples = [_mean(t.examples) for t in taught]
+    counter = [_mean(t.counter) for t in taught]
+    groups = [m for m in examples + counter if m is not None]
+    if len(groups) < 2:
+        return text, negative_text
+    # What the set's photos look like on the whole: the image part of a label with no
+    # examples, so that being blended with photos is no advantage by itself.
+    reference = F.normalize(torch.stack(groups).mean(dim=0), dim=0)
+
+    def mix(text_part: torch.Tensor | None, image: torch.Tensor) -> torch.Tensor:
+        if text_part is None:
+            return image
+        return F.normalize((1 - weight) * text_part + weight * image, dim=0)
+
+    columns, negative_columns = [], []
+    for index, (example, against) in enumerate(zip(examples, counter, strict=True)):
+        if mode is Mode.MULTI and example is None and against is None:
+            columns.append(text[:, index])  # weighed against its own negative: as it was
+            if negative_text is not None:
+                negative_columns.append(negative_text[:, index])
+            continue
+        image = example if example is not None else reference
+        if mode is Mode.SINGLE and against is not None:
+            image = F.normalize(image - COUNTER_WEIGHT * (against - reference), dim=0)
+        columns.append(mix(_text_part(text, index), image))
+        if negative_text is not None:
+            negative_image = against if against is not None else reference
+            negative_columns.append(mix(_text_part(negative_text, index), negative_image))
+    weights = torch.stack(columns, dim=1)
+    negatives = torch.stack(negative_columns, dim=1) if negative_text is not None else None
+    return weights, negatives
+
+
+def _mean(rows: torch.Tensor | None) -> torch.Tensor | None:
+    if rows is None or len(rows) == 0:
+        return None
+    return F.normalize(rows.float().mean(dim=0), dim=0)
+
+
+def _text_part(text: torch.Tensor, index: int) -> torch.Tensor | None:
+    """The label's text column; for a label without text, the mean of the others' (so that
+    only its examples set it apart); None when no label of the set has text."""
+    present = text.abs().sum(dim=0) > 0
+    if present[index]:
+        return text[:, index]
+    if not present.any():
+        return None
+    return F.normalize(text[:, present].mean(dim=1), dim=0)
 
 
 def score(
@@ -169,6 +282,47 @@ def score(
     return [tuple(tags) for tags in per_photo]
 
 
+@dataclass(frozen=True)
+class _Example:
+    """One example file of a set: its label, and whether it shows the label or not."""
+
+    label: str
+    positive: bool
+    file: ExampleFile
+
+
+@dataclass
+class _SetParts:
+    """What one set's vectors are made of, kept after loading so that decisions can be
+    blended in later: text vectors, example files and their embeddings, decisions."""
+
+    spec: LabelSetConfig
+    text: torch.Tensor  # [dim, labels]: a zero column for a label without text
+    negative_text: torch.Tensor | None
+    files: list[_Example]
+    embedded: torch.Tensor | None  # [files, dim]
+    decided: list[Decided] = dataclasses.field(default_factory=list)
+
+    def taught(self) -> list[Taught]:
+        """Each label's examples and counter-examples, from the files and the decisions."""
+        rows: dict[tuple[str, bool], list[torch.Tensor]] = {}
+        if self.embedded is not None:
+            for example, embedding in zip(self.files, self.embedded, strict=True):
+                rows.setdefault((example.label, example.positive), []).append(embedding)
+        for decided in self.decided:
+            vector = torch.frombuffer(bytearray(decided.vector), dtype=torch.float16).float()
+            rows.setdefault((decided.label, decided.action is Action.ADDED), []).append(vector)
+
+        def stacked(key: tuple[str, bool]) -> torch.Tensor | None:
+            found = rows.get(key)
+            return torch.stack(found) if found else None
+
+        return [
+            Taught(stacked((label, True)), stacked((label, False)))
+            for label in self.spec.label_names
+        ]
+
+
 class ClipTagger:
     """An OpenCLIP model with its label sets, loaded by `load()`: encodes and scores photos."""
 
@@ -189,6 +343,8 @@ class ClipTagger:
         self.device = torch.device("cpu")
         self.sets: list[LabelSetEmbedding] = []
         self.logit_scale = 1.0
+        # Per set: its text vectors and example embeddings, kept to blend decisions in later.
+        self._parts: dict[str, _SetParts] = {}
         self._model: Any = None
         self._tokenizer: Any = None
         self._preprocess: Callable[[Any], torch.Tensor] | None = None
@@ -226,14 +382,45 @@ class ClipTagger:
         pretrained = None if name.startswith((LOCAL_DIR, HF_HUB)) else self.config.pretrained
         cache = str(self.hub_cache)
         try:
+            overrides = self._hf_text_overrides()
             model, _, preprocess = open_clip.create_model_and_transforms(
-                name, pretrained=pretrained, device=self.device, cache_dir=cache
+                name, pretrained=pretrained, device=self.device, cache_dir=cache, **overrides
             )
             tokenizer = open_clip.get_tokenizer(name, cache_dir=cache)
         except Exception as exc:  # open_clip raises bare RuntimeError/ValueError/OSError
             raise ModelLoadError(self._load_failure(exc)) from exc
         model.eval()
         return model, preprocess, tokenizer
+
+    def _hf_text_overrides(self) -> dict[str, Any]:
+        """For a model whose text tower comes from Hugging Face, a `text_cfg` that builds the
+        tower from a config.json on disk: open_clip's HFTextEncoder calls
+        `AutoConfig.from_pretrained(hf_model_name)` without a cache folder, which goes to the
+        network (or another cache) even when our weights are at hand. Empty for other models."""
+        name = self.config.name
+        if name.startswith(HF_HUB):
+            return {}  # the repository's own config names the tower; open_clip fetches it
+        if name.startswith(LOCAL_DIR):
+            folder = Path(name[len(LOCAL_DIR) :])
+            text_cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+            text_cfg = text_cfg.get("text_cfg", {})
+            source = folder / HF_TEXT_DIR
+            if "hf_model_name" not in text_cfg or not (source / "config.json").is_file():
+                return {}  # a folder saved elsewhere: open_clip resolves what it names
+        else:
+            text_cfg = (open_clip.get_model_config(name) or {}).get("text_cfg", {})
+            if "hf_model_name" not in text_cfg:
+                return {}
+            # The tower's config.json into our download cache, so fetch-model fills it and
+            # an offline start finds it there.
+            config_file = huggingface_hub.hf_hub_download(
+                text_cfg["hf_model_name"], "config.json", cache_dir=self.hub_cache
+            )
+            source = Path(config_file).parent
+        # The path of the folder as it is now, not as it was saved: a copied folder still loads.
+        # Not pretrained: the full model's weights are loaded over the tower right after.
+        text_cfg = {**text_cfg, "hf_model_name": str(source), "hf_model_pretrained": False}
+        return {"text_cfg": text_cfg}
 
     def _check_local_dir(self, folder: Path) -> None:
         if not (folder / "open_clip_config.json").is_file():
@@ -321,11 +508,28 @@ class ClipTagger:
             word in text.lower()
             for word in ("download", "connection", "offline", "resolve", "hub", "network")
         )
+        if isinstance(exc, ImportError) or "install transformers" in text:
+            # open_clip's Hugging Face text towers (the multilingual models) need transformers.
+            return (
+                f"Cannot load the model {self._describe()}: its text tower comes from Hugging "
+                f"Face and needs the transformers package ({text}); install it with "
+                "pip install 'cliptagd[multilingual]'."
+            )
         if network and not name.startswith(LOCAL_DIR):
             return f"The model {self._describe()} could not be fetched ({text}). " + OFFLINE_ADVICE
         return f"Cannot load the model {self._describe()}: {text}"
 
     def _embed_set(self, name: str, spec: LabelSetConfig) -> LabelSetEmbedding:
+        text, negative_text = self._embed_text(name, spec)
+        files = self._example_files(name, spec)
+        parts = _SetParts(spec, text, negative_text, files, self._embed_examples(name, files))
+        self._parts[name] = parts
+        return self._blended(name, parts)
+
+    def _embed_text(
+        self, name: str, spec: LabelSetConfig
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The set's label (and negative) text vectors, from the cache when unchanged."""
         positives, negatives = set_prompts(spec)
         key = hashlib.sha256(
             json.dumps(
@@ -348,12 +552,110 @@ class ClipTagger:
             self._write_cache(cache_file, tensors)
         else:
             log.info("Label set %s loaded from the cache %s", name, cache_file)
+        return tensors["weights"], tensors.get("negatives")
+
+    def _example_files(self, name: str, spec: LabelSetConfig) -> list[_Example]:
+        """Every example file of the set's labels; raises ExampleError naming the label."""
+        found = []
+        for label in spec.label_specs:
+            for key, entries in (
+                ("examples", label.examples),
+                ("negative_examples", label.negative_examples),
+            ):
+                try:
+                    files = example_files(entries)
+                except UnusableExample as exc:
+                    raise ExampleError(
+                        f"label_sets.{name}: label {label.name!r}: {key}: {exc}"
+                    ) from None
+                found += [_Example(label.name, key == "examples", file) for file in files]
+        return found
+
+    def _embed_examples(self, name: str, examples: Sequence[_Example]) -> torch.Tensor | None:
+        """The unit embeddings of the example files, [n, dim]: from the cache, the others
+        decoded as the worker decodes photos, encoded, and cached. None for no file."""
+        if not examples:
+            return None
+        folder = self.cache_dir / "examples"
+        found: dict[int, torch.Tensor] = {}
+        for index, example in enumerate(examples):
+            key = example.file.cache_key(self.model_id)
+            cached = self._read_cache(folder / f"{key}.safetensors")
+            if cached is not None and "embedding" in cached:
+                found[index] = cached["embedding"].float()
+        missing = [index for index in range(len(examples)) if index not in found]
+        if not missing:
+            log.info("Label set %s: %d example photo(s) from the cache", name, len(examples))
+        else:
+            started = time.perf_counter()
+            register_heif()  # as the worker does: HEIC examples from a phone
+            for first in range(0, len(missing), EXAMPLES_PER_PASS):
+                chunk = missing[first : first + EXAMPLES_PER_PASS]
+                pixels = torch.stack([self._example_pixels(name, examples[i]) for i in chunk])
+                with torch.inference_mode():
+                    embeddings = self.encode(pixels).cpu()
+                for index, embedding in zip(chunk, embeddings, strict=True):
+                    found[index] = embedding.clone()  # out of inference mode, for the blend
+                    key = examples[index].file.cache_key(self.model_id)
+                    self._write_cache(folder / f"{key}.safetensors", {"embedding": found[index]})
+            log.info(
+                "Label set %s: embedded %d example photo(s) in %.1f s (%d from the cache)",
+                name, len(missing), time.perf_counter() - started, len(examples) - len(missing),
+            )  # fmt: skip
+        return torch.stack([found[index] for index in range(len(examples))])
+
+    def _example_pixels(self, name: str, example: _Example) -> torch.Tensor:
+        try:
+            image = open_rgb(example.file.path, self.image_size, EXAMPLE_MAX_PIXELS)
+        except UnreadableImage as exc:
+            key = "examples" if example.positive else "negative_examples"
+            raise ExampleError(
+                f"label_sets.{name}: label {example.label!r}: {key}: {example.file.path} "
+                f"cannot be used: {exc}"
+            ) from None
+        return self.preprocess(image)
+
+    def teach(self, name: str, decided: Sequence[Decided]) -> None:
+        """Blend people's decisions on the set `name` into its label vectors, on top of its
+        example files: an added label is an example, a removed one a counter-example."""
+        parts = self._parts[name]
+        labels = set(parts.spec.label_names)
+        parts.decided = [d for d in decided if d.label in labels]
+        index = next(i for i, s in enumerate(self.sets) if s.name == name)
+        self.sets[index] = self._blended(name, parts)
+
+    def taught(self, name: str) -> str:
+        """What taught the set `name` besides its config, as text for its digest: its
+        example files with size and mtime, and a digest of the decisions it learned from;
+        "" for a set taught nothing."""
+        parts = self._parts.get(name)
+        if parts is None or not parts.spec.taught:
+            return ""
+        files = [
+            [e.label, e.positive, e.file.path, e.file.size, e.file.mtime_ns] for e in parts.files
+        ]
+        decisions = decisions_digest(parts.decided) if parts.spec.learn_from_decisions else ""
+        return json.dumps({"files": files, "decisions": decisions})
+
+    def _blended(self, name: str, parts: _SetParts) -> LabelSetEmbedding:
+        spec = parts.spec
+        taught = parts.taught()
+        if sum((t.examples is not None) + (t.counter is not None) for t in taught) == 1:
+            log.warning(
+                "Label set %s: one label's example photos alone have nothing to be compared "
+                "with, and change nothing: give examples to another label too, or "
+                "negative_examples to this one",
+                name,
+            )
+        weights, negatives = blend(
+            spec.mode, parts.text, parts.negative_text, taught, spec.examples_weight
+        )
         return LabelSetEmbedding(
             name=name,
             mode=spec.mode,
             labels=spec.label_names,
-            weights=tensors["weights"].to(self.device),
-            negatives=tensors["negatives"].to(self.device) if "negatives" in tensors else None,
+            weights=weights.to(self.device),
+            negatives=negatives.to(self.device) if negatives is not None else None,
             threshold=spec.effective_threshold,
             top_k=spec.effective_top_k,
         )
@@ -368,6 +670,7 @@ class ClipTagger:
         by_count: dict[int, list[int]] = {}
         for index, label_prompts in enumerate(prompts):
             by_count.setdefault(len(label_prompts), []).append(index)
+        by_count.pop(0, None)  # labels without text
         for count, indexes in by_count.items():
             # build_zero_shot_classifier renders template(classname); the classname here is
             # the label's index, so each template picks that label's own prompt.
@@ -382,8 +685,13 @@ class ClipTagger:
                     device=self.device,
                 )
             for column, index in enumerate(indexes):
-                columns[index] = weights[:, column].float()
-        return torch.stack([c for c in columns if c is not None], dim=1).cpu().contiguous()
+                columns[index] = weights[:, column].float().cpu()
+        # A label without text (prompts: []) gets a zero column: blend() gives it one.
+        width = next((c.shape[0] for c in columns if c is not None), None)
+        if width is None:
+            width = len(self.encode_text("")) // 2  # float16 bytes
+        zero = torch.zeros(width)
+        return torch.stack([zero if c is None else c for c in columns], dim=1).contiguous()
 
     def _read_cache(self, path: Path) -> dict[str, torch.Tensor] | None:
         if not path.is_file():
@@ -420,6 +728,8 @@ class ClipTagger:
         else:
             model_cfg = open_clip.get_model_config(name)
         folder.mkdir(parents=True, exist_ok=True)
+        if "hf_model_name" in model_cfg.get("text_cfg", {}):
+            model_cfg = self._save_hf_text(folder, model_cfg)
         config = {"model_cfg": model_cfg, "preprocess_cfg": dict(self._model.visual.preprocess_cfg)}
         config_file = folder / "open_clip_config.json"
         config_file.write_text(json.dumps(config, indent=2))
@@ -431,6 +741,26 @@ class ClipTagger:
             file.chmod(_new_file_mode())
         partial.replace(folder / "open_clip_model.safetensors")
         return folder
+
+    def _save_hf_text(self, folder: Path, model_cfg: dict[str, Any]) -> dict[str, Any]:
+        """Save a Hugging Face text tower's config and tokenizer beside the weights; return the
+        model config pointing at them, so the folder loads with no network at all."""
+        text_dir = folder / HF_TEXT_DIR
+        self._model.text.config.save_pretrained(text_dir)
+        # open_clip's get_tokenizer reads a local-dir: model's tokenizer from the folder itself
+        # (whatever hf_tokenizer_name says); the tokenizer must be the one loaded, which the
+        # label prompts and searches of this model were tokenized with.
+        self._tokenizer.save_pretrained(str(folder))
+        mode = _new_file_mode()  # see below: readable by the service's user
+        for file in [*text_dir.iterdir(), *folder.glob("*.json"), *folder.glob("*.model")]:
+            file.chmod(mode)
+        text_cfg = {
+            **model_cfg["text_cfg"],
+            "hf_model_name": str(text_dir),
+            "hf_tokenizer_name": str(folder),
+        }
+        text_cfg.pop("hf_model_pretrained", None)  # set by open_clip at load time
+        return {**model_cfg, "text_cfg": text_cfg}
 
     # -- tagging --------------------------------------------------------------------------
 

@@ -204,6 +204,7 @@ def check_query_commands(config: Path, truth: dict[Path, str], broken: Path) -> 
     assert f"tagged: {len(truth)}" in text and "not a picture Pillow can read" in text
 
 
+@pytest.mark.slow  # 12 s; the quick run keeps the writer SIGKILL smoke and the poison quarantine
 def test_sigkill_and_sigterm_mid_work_lose_nothing(
     make_config: ConfigFactory, photo_dir: Path, tmp_path: Path, rng: random.Random
 ) -> None:

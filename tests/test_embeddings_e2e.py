@@ -43,6 +43,7 @@ def colour_sets(**extra: object) -> dict[str, object]:
     return {"colour": {"templates": [tinyclip.TEMPLATE], "labels": COLOURS}, **extra}
 
 
+@pytest.mark.slow  # 15 s of daemon; the quick run keeps the store and retag tests of embeddings
 def test_stored_embeddings_smoke(
     make_config: ConfigFactory,
     photo_dir: Path,

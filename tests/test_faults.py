@@ -180,7 +180,10 @@ def test_sighup_reloads_and_refuses_a_bad_config(
 
 @pytest.mark.parametrize(
     "and_while_stopped",
-    [pytest.param(False, id="live"), pytest.param(True, marks=pytest.mark.slow, id="and-stopped")],
+    [
+        pytest.param(False, marks=pytest.mark.slow, id="live"),
+        pytest.param(True, marks=pytest.mark.slow, id="and-stopped"),
+    ],
 )
 def test_moves_keep_tags_and_deletes_forget_them(
     make_config: ConfigFactory,

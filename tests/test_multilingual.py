@@ -20,7 +20,6 @@ from typing import Any
 import open_clip
 import pytest
 import torch
-import torch.nn.functional as F
 import yaml
 
 from cliptagd.config import LabelSetConfig
@@ -107,26 +106,8 @@ def build(folder: Path, *, steps: int, seed: int = 0) -> Path:
     prompts = open_clip.get_tokenizer("local-dir:" + str(folder))(
         [TEMPLATE.format(word) for word in CHINESE.values()]
     )
-    # The same recipe as tests/tinyclip.py: cross-entropy against the four class prompts.
-    names = list(CHINESE)
-    pool = [
-        (i, preprocess(tinyclip.picture(name, rng)))
-        for _ in range(96)
-        for i, name in enumerate(names)
-    ]
-    optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    model.train()
-    for _ in range(steps):
-        batch = rng.sample(pool, 32)
-        images = torch.stack([tensor for _, tensor in batch])
-        targets = torch.tensor([label for label, _ in batch])
-        image_emb = F.normalize(model.encode_image(images), dim=-1)
-        text_emb = F.normalize(model.encode_text(prompts), dim=-1)
-        loss = F.cross_entropy(model.logit_scale.exp() * image_emb @ text_emb.T, targets)
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-    model.eval()
+    # The same recipe as the colour model's, on the Chinese prompts.
+    tinyclip.train(model, preprocess, prompts, list(CHINESE), rng, steps=steps, per_class=96)
     from safetensors.torch import save_model
 
     save_model(model, str(folder / "open_clip_model.safetensors"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import open_clip
 import torch
@@ -59,18 +60,23 @@ def write_model_dir(model: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
-def build(folder: Path, *, steps: int = 300, seed: int = 0) -> Path:
-    """Create, train (a few seconds on a CPU) and save the tiny model; return its folder."""
-    torch.manual_seed(seed)
-    rng = random.Random(seed)
-    model = open_clip.CLIP(**MODEL_CFG)
-    write_model_dir(model, folder)
-    # Load it back the way the daemon will, to train with the exact same preprocessing.
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
-    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
-    names = list(COLOURS)
-    prompts = tokenizer([TEMPLATE.format(name) for name in names])
-    pool = [(i, preprocess(picture(name, rng))) for _ in range(128) for i, name in enumerate(names)]
+def train(
+    model: Any,
+    preprocess: Any,
+    prompts: torch.Tensor,
+    colours: list[str],
+    rng: random.Random,
+    *,
+    steps: int,
+    per_class: int,
+) -> None:
+    """Train `model` to match pictures of `colours` with their tokenized `prompts` (one per
+    colour, in order): cross-entropy of the image-text similarities over the four prompts."""
+    pool = [
+        (i, preprocess(picture(name, rng)))
+        for _ in range(per_class)
+        for i, name in enumerate(colours)
+    ]
     optimiser = torch.optim.AdamW(model.parameters(), lr=2e-3)
     model.train()
     for _ in range(steps):
@@ -85,4 +91,18 @@ def build(folder: Path, *, steps: int = 300, seed: int = 0) -> Path:
         loss.backward()
         optimiser.step()
     model.eval()
+
+
+def build(folder: Path, *, steps: int = 300, seed: int = 0) -> Path:
+    """Create, train (a few seconds on a CPU) and save the tiny model; return its folder."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = open_clip.CLIP(**MODEL_CFG)
+    write_model_dir(model, folder)
+    # Load it back the way the daemon will, to train with the exact same preprocessing.
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{folder}")
+    names = list(COLOURS)
+    prompts = tokenizer([TEMPLATE.format(name) for name in names])
+    train(model, preprocess, prompts, names, rng, steps=steps, per_class=128)
     return write_model_dir(model, folder)

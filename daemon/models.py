@@ -12,6 +12,7 @@ from datetime import datetime
 from enum import StrEnum
 
 from sqlalchemy import (
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -23,6 +24,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -42,6 +44,15 @@ class Status(StrEnum):
 VISIBLE = (Status.TAGGED, Status.STALE)
 
 
+# 64-bit integers: file sizes beyond 2 GiB (videos), nanosecond times, ids of tables that
+# churn. SQLite's INTEGER is 64-bit already (and an INTEGER primary key is its row id).
+BigInt = BigInteger().with_variant(Integer(), "sqlite")
+
+# Paths compare and sort byte by byte, as SQLite's text does, whatever the PostgreSQL
+# database's locale; "C" also lets a folder-prefix LIKE use the index.
+PathText = Text().with_variant(postgresql.TEXT(collation="C"), "postgresql")
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -52,9 +63,9 @@ class Photo(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     # Valid text for people and SQL; `raw_path` holds the exact bytes of the few names that
     # are not valid UTF-8 (see paths.py).
-    path: Mapped[str] = mapped_column(Text, unique=True)
+    path: Mapped[str] = mapped_column(PathText, unique=True)
     raw_path: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
-    size: Mapped[int] = mapped_column(Integer)
+    size: Mapped[int] = mapped_column(BigInt)
     # Seconds since the epoch, as os.stat gives it; with size, tells an unchanged file.
     mtime: Mapped[float] = mapped_column(Float)
     status: Mapped[str] = mapped_column(String(16), default=Status.PENDING)
@@ -78,7 +89,7 @@ class Photo(Base):
 class Tag(Base):
     __tablename__ = "tags"
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(BigInt, primary_key=True)
     # A photo's tags go with its row (ON DELETE CASCADE; foreign keys are on, see sqlite.py).
     photo_id: Mapped[int] = mapped_column(ForeignKey("photos.id", ondelete="CASCADE"))
     label_set: Mapped[str] = mapped_column(Text)
@@ -105,7 +116,7 @@ class Embedding(Base):
     model_id: Mapped[str] = mapped_column(Text, index=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary)
     # Set by a trigger on every write: what changed since a search index was refreshed.
-    seq: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
+    seq: Mapped[int | None] = mapped_column(BigInt, index=True, default=None)
 
 
 class LabelSetDigest(Base):
@@ -173,12 +184,12 @@ class Sidecar(Base):
 
     __tablename__ = "sidecars"
 
-    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    path: Mapped[str] = mapped_column(PathText, primary_key=True)
     raw_path: Mapped[bytes | None] = mapped_column(LargeBinary, default=None)
     # The photo it was last written for: a sidecar that moved with its photo is recognised.
     photo_id: Mapped[int | None] = mapped_column(Integer, index=True, default=None)
-    size: Mapped[int | None] = mapped_column(Integer, default=None)
-    mtime_ns: Mapped[int | None] = mapped_column(Integer, default=None)
+    size: Mapped[int | None] = mapped_column(BigInt, default=None)
+    mtime_ns: Mapped[int | None] = mapped_column(BigInt, default=None)
     created: Mapped[bool] = mapped_column(Boolean, default=False)
     owned: Mapped[str] = mapped_column(Text, default="{}")  # xmp.Owned as JSON
     problem: Mapped[str | None] = mapped_column(Text, default=None)

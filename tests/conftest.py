@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import tinyclip
+from tests import pg, tinyclip
 from tests.helpers import ConfigFactory
 
 # Tests never reach a model hub: any attempt fails at once instead of hanging.
@@ -122,3 +122,26 @@ def no_leaks() -> Iterator[None]:
         time.sleep(0.05)
     assert not leaked_children, f"child processes left running: {leaked_children}"
     assert not leaked, f"threads left running: {leaked}"
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[pg.Server]:
+    """A real PostgreSQL server for the session (see tests/pg.py)."""
+    server = pg.start_server()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture
+def pg_url(pg_server: pg.Server) -> str:
+    """A fresh, empty PostgreSQL database's URL."""
+    return pg_server.database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The same test on both databases: a SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'tags.db'}"
+    server: pg.Server = request.getfixturevalue("pg_server")
+    return server.database()

@@ -194,9 +194,25 @@ def rss_of(pids: list[int]) -> int:
 # -- the database, read as anyone would --------------------------------------------------------
 
 
-def rows(db: Path, sql: str, *params: object) -> list[tuple[object, ...]]:
+def rows(db: Path | str, sql: str, *params: object) -> list[tuple[object, ...]]:
+    """The rows of `sql` (with ? parameters) in the SQLite file `db`, or the database at a
+    postgresql URL `db`."""
+    if isinstance(db, str) and db.startswith("postgresql"):
+        return pg_rows(db, sql.replace("?", "%s"), *params)
     with sqlite3.connect(db) as conn:
         return conn.execute(sql, params).fetchall()
+
+
+def pg_rows(url: str, sql: str, *params: object) -> list[tuple[object, ...]]:
+    import psycopg
+    from sqlalchemy import make_url
+
+    parsed = make_url(url)
+    with psycopg.connect(
+        dbname=parsed.database, user=parsed.username, host=parsed.query["host"], autocommit=True
+    ) as conn:
+        cursor = conn.execute(sql, params)
+        return cursor.fetchall() if cursor.description else []
 
 
 def statuses(db: Path) -> dict[str, tuple[str, str | None]]:
@@ -230,13 +246,13 @@ def all_done(db: Path, expected: int) -> bool:
     return len(found) >= expected and all(s != "pending" for s, _ in found.values())
 
 
-def label_counts(db: Path) -> list[tuple[object, ...]]:
+def label_counts(db: Path | str) -> list[tuple[object, ...]]:
     """The label counts the triggers keep."""
     return rows(db, "SELECT label_set, label, count FROM label_counts WHERE count > 0 "
                     "ORDER BY label_set, label")  # fmt: skip
 
 
-def label_counts_truth(db: Path) -> list[tuple[object, ...]]:
+def label_counts_truth(db: Path | str) -> list[tuple[object, ...]]:
     """The label counts, counted."""
     return rows(db, "SELECT label_set, label, count(*) FROM tags JOIN photos ON photos.id = "
                     "tags.photo_id WHERE photos.status IN ('tagged', 'stale') "

@@ -166,8 +166,10 @@ def test_open_database_by_config_file_config_or_url(db: Path, tmp_path: Path) ->
             assert store.readonly and store.counts()[Status.TAGGED] == 4
     with pytest.raises(api.StoreError, match="No tag database at"):
         api.open_database(url=f"sqlite:///{tmp_path / 'none.db'}")
-    with pytest.raises(api.UnsupportedDatabase):
-        api.open_database(url="postgresql://db.example/tags")
+    with pytest.raises(api.UnsupportedDatabase, match="mysql is not supported"):
+        api.open_database(url="mysql://db.example/tags")
+    with pytest.raises(api.UnsupportedDatabase, match="psycopg2 driver is not supported"):
+        api.open_database(url="postgresql+psycopg2://db.example/tags")
 
 
 def test_open_for_writing_creates_the_database_and_refuses_another_users_as_root(

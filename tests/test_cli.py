@@ -189,13 +189,13 @@ def test_tags_of_a_photo_not_in_the_database_exits_1(tagged_db: Path) -> None:
     assert by_bytes.exit_code == 0 and "caf\\xe9.jpg" in by_bytes.stdout
 
 
-def test_a_postgresql_url_is_a_config_error(tmp_path: Path) -> None:
+def test_an_unsupported_database_url_is_a_config_error(tmp_path: Path) -> None:
     config = tmp_path / "config.yaml"
     config.write_text(
         yaml.safe_dump(
             {
                 "watch": {"paths": [str(tmp_path)]},
-                "database": {"url": "postgresql://db.example/tags"},
+                "database": {"url": "mysql://db.example/tags"},
                 "label_sets": {"colour": {"labels": ["red", "green"]}},
             }
         )
@@ -203,7 +203,7 @@ def test_a_postgresql_url_is_a_config_error(tmp_path: Path) -> None:
     for command in ("status", "retag", "run"):
         result = invoke(command, "-c", str(config))
         assert result.exit_code == EXIT_CONFIG, result.output
-        assert result.stderr.startswith("cliptagd: database.url: postgresql is not supported")
+        assert result.stderr.startswith("cliptagd: database.url: mysql is not supported")
         assert "Traceback" not in result.output
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,10 @@ from tests.helpers import COLOURS, colour_set, make_tagger
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    store = Store(f"sqlite:///{tmp_path / 'tags.db'}")
-    store.migrate()
-    return store
+def store(db_url: str) -> Iterator[Store]:
+    """The store on SQLite, and on PostgreSQL: every test using it runs on both."""
+    with Store.open(db_url) as store:
+        yield store
 
 
 def pixels_of(tagger: ClipTagger, count: int, seed: int = 11) -> tuple[torch.Tensor, list[str]]:

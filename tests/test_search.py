@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,10 @@ PATHS = [f"/p/{i:02}.jpg" for i in range(20)]
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    store = Store(f"sqlite:///{tmp_path / 'tags.db'}")
-    store.migrate()
-    return store
+def store(db_url: str) -> Iterator[Store]:
+    """The store on SQLite, and on PostgreSQL: every test using it runs on both."""
+    with Store.open(db_url) as store:
+        yield store
 
 
 def unit_vectors(count: int, width: int, seed: int) -> np.ndarray:

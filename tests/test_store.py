@@ -6,6 +6,7 @@ import os
 import shutil
 import sqlite3
 import threading
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,14 @@ import pytest
 from cliptagd.jobs import FileStat, Job, Outcome, TagScore, fingerprint
 from cliptagd.models import Status
 from cliptagd.store import Reader, Store, StoreError, TagQuery
+from tests.helpers import rows
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    return Store.open(f"sqlite:///{tmp_path / 'tags.db'}")
+def store(db_url: str) -> Iterator[Store]:
+    """The store on SQLite, and on PostgreSQL: every test using it runs on both."""
+    with Store.open(db_url) as store:
+        yield store
 
 
 def tagged(job: Job, *tags: tuple[str, str, float]) -> Outcome:
@@ -35,7 +39,8 @@ def seen(store: Store, path: Path) -> int:
     return store.enqueue([FileStat.of(path)], fingerprint=fingerprint, exists=os.path.exists)
 
 
-def test_migrate_creates_schema_with_wal_and_view(store: Store, tmp_path: Path) -> None:
+def test_migrate_creates_schema_with_wal_and_view(tmp_path: Path) -> None:
+    store = Store.open(f"sqlite:///{tmp_path / 'tags.db'}")
     store.migrate()  # a second time is a no-op
     db = sqlite3.connect(tmp_path / "tags.db")
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -463,7 +468,7 @@ def test_label_counts_follow_every_change(store: Store, tmp_path: Path) -> None:
 
     from tests.helpers import label_counts, label_counts_truth
 
-    db = tmp_path / "tags.db"
+    db = store.file or store.url
     store.enqueue(FileStat(f"/p/{n}.jpg", 1, 1.0) for n in "abcd")
     a, b, c, d = store.claim(4)
     first = [
@@ -508,8 +513,7 @@ def test_a_file_name_that_is_not_utf8_is_queued_tagged_and_found(store: Store) -
     assert [row.label for row in store.tags_for([raw])] == ["red"]
     assert store.move(raw, os.fsdecode(b"/q/caf\xe9.jpg")) == 1
     assert [row.path for row in store.query(carrying("red"))] == [os.fsdecode(b"/q/caf\xe9.jpg")]
-    db = sqlite3.connect(store.file)  # type: ignore[arg-type]
-    assert db.execute("SELECT path, raw_path FROM photos").fetchall() == [
+    assert rows(store.file or store.url, "SELECT path, raw_path FROM photos") == [
         ("/q/caf\\xe9.jpg", b"/q/caf\xe9.jpg")
     ]
 

@@ -551,7 +551,7 @@ def _query(q: TagQuery, shown: Subquery) -> Any:
     }[q.sort]
     if (q.limit is not None or q.offset) and len(asked) == 1:
         # One row per photo: straight from the index.
-        stmt = stmt.limit(q.limit if q.limit is not None else -1).offset(q.offset)
+        stmt = stmt.limit(q.limit).offset(q.offset)
     elif q.limit is not None or q.offset:
         # Several rows per photo: pick the photos first, then all their rows.
         best = {
@@ -563,7 +563,7 @@ def _query(q: TagQuery, shown: Subquery) -> Any:
             stmt.with_only_columns(Photo.id)
             .group_by(Photo.id)
             .order_by(*best)
-            .limit(q.limit if q.limit is not None else -1)
+            .limit(q.limit)
             .offset(q.offset)
         )
         stmt = stmt.where(Photo.id.in_(photos))

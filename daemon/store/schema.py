@@ -5,15 +5,16 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from sqlalchemy import Connection, Engine, make_url
-from sqlalchemy.exc import ArgumentError, OperationalError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 
-from . import sqlite
+from . import dialect, postgres, sqlite
 
 log = logging.getLogger(__name__)
 
@@ -49,14 +50,14 @@ def waits_for_locks(method: Callable[P, R]) -> Callable[P, R]:
         while True:
             try:
                 return method(*args, **kwargs)
-            except OperationalError as exc:
-                if not sqlite.is_locked(exc):
+            except DBAPIError as exc:
+                if not dialect.is_transient(exc):
                     raise
                 now = time.monotonic()
                 if last_log is None or now - last_log >= LOCKED_LOG_EVERY:
                     log.warning(
-                        "The database is locked by another program (an open transaction in "
-                        "another SQLite client, or a VACUUM?)%s; waiting for it",
+                        "%s%s; waiting for it",
+                        _waiting_for(exc),
                         f" for {now - since:.0f} s" if since is not None else "",
                     )
                     last_log = now
@@ -66,27 +67,73 @@ def waits_for_locks(method: Callable[P, R]) -> Callable[P, R]:
     return wrapper
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The file of a SQLite `url` (None for an in-memory database). Raises StoreError for a
-    URL that is not SQLite's: the queries, upserts and triggers are SQLite's for now."""
+def _waiting_for(exc: DBAPIError) -> str:
+    if isinstance(exc.orig, sqlite3.Error):
+        return (
+            "The database is locked by another program (an open transaction in another "
+            "SQLite client, or a VACUUM?)"
+        )
+    reason = str(exc.orig).strip().splitlines()[0] if str(exc.orig).strip() else "unreachable"
+    return f"The PostgreSQL server cannot be used ({reason})"
+
+
+def backend(url: str) -> str:
+    """`sqlite` or `postgresql`: which database `url` names. Raises UnsupportedDatabase for
+    any other, or for a PostgreSQL driver other than psycopg (version 3)."""
     try:
         parsed = make_url(url)
     except ArgumentError:
         raise UnsupportedDatabase(
-            f"database.url {url!r} is not a database URL (sqlite:////path/to/tags.db)"
+            f"database.url {url!r} is not a database URL (sqlite:////path/to/tags.db, or "
+            "postgresql+psycopg://user@host/dbname)"
         ) from None
-    if parsed.get_backend_name() != "sqlite":
+    name = parsed.get_backend_name()
+    if name == dialect.POSTGRESQL:
+        if parsed.get_driver_name() not in ("psycopg", ""):
+            raise UnsupportedDatabase(
+                f"database.url: the {parsed.get_driver_name()} driver is not supported; "
+                "use postgresql+psycopg://... (psycopg 3, the postgresql extra)."
+            )
+        return name
+    if name != dialect.SQLITE:
         raise UnsupportedDatabase(
-            f"database.url: {parsed.get_backend_name()} is not supported; cliptagd keeps its "
-            "tags in SQLite (database.url: sqlite:////path/to/tags.db)."
+            f"database.url: {name} is not supported; cliptagd keeps its tags in SQLite "
+            "(sqlite:////path/to/tags.db) or PostgreSQL (postgresql+psycopg://...)."
         )
+    return name
+
+
+def is_shared(url: str) -> bool:
+    """Whether `url` names a server database several hosts may share (PostgreSQL)."""
+    return backend(url) == dialect.POSTGRESQL
+
+
+def sqlite_file(url: str) -> Path | None:
+    """The file of a SQLite `url`; None for an in-memory or a PostgreSQL database. Raises
+    UnsupportedDatabase for any other URL."""
+    if backend(url) != dialect.SQLITE:
+        return None
+    parsed = make_url(url)
     if not parsed.database or parsed.database == ":memory:":
         return None
     return Path(parsed.database)
 
 
+def engine_url(url: str) -> str:
+    """`url` with psycopg named as the driver (postgresql:// means it too)."""
+    parsed = make_url(url)
+    if backend(url) == dialect.POSTGRESQL and not parsed.get_driver_name().startswith("psycopg"):
+        return parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
+    return url
+
+
 def open_engine(url: str, *, readonly: bool, busy_timeout: float) -> tuple[Path | None, Engine]:
-    """The database file at `url` (created if missing, unless `readonly`) and its engine."""
+    """The database file at `url` (created if missing, unless `readonly`; None for a
+    server) and its engine."""
+    if is_shared(url):
+        _check_driver()
+        engine = postgres.connect(engine_url(url), readonly=readonly, connect_timeout=10)
+        return None, engine
     file = sqlite_file(url)
     if file is not None and not file.exists():
         if readonly:
@@ -96,6 +143,16 @@ def open_engine(url: str, *, readonly: bool, busy_timeout: float) -> tuple[Path 
             )
         _create_file(file)
     return file, sqlite.connect(url, file, readonly=readonly, busy_timeout=busy_timeout)
+
+
+def _check_driver() -> None:
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        raise UnsupportedDatabase(
+            "database.url names a PostgreSQL database, and psycopg is not installed: "
+            "pip install 'cliptagd[postgresql]'."
+        ) from None
 
 
 def _create_file(path: Path) -> None:
@@ -158,6 +215,10 @@ def migrate(writer: Engine, url: str) -> None:
     cfg, script = alembic()
     try:
         with writer.begin() as conn:
+            if conn.dialect.name == dialect.POSTGRESQL:
+                # Hosts starting at once on an empty database: one migrates, the others
+                # wait here and then find the schema current.
+                postgres.lock_for_transaction(conn, postgres.MIGRATIONS_LOCK)
             current = _current_revision(conn)
             _check_not_newer(url, script, current)
             head = script.get_current_head()
@@ -166,7 +227,7 @@ def migrate(writer: Engine, url: str) -> None:
                 cfg.attributes["connection"] = conn
                 command.upgrade(cfg, "head")
     except OperationalError as exc:
-        if sqlite.is_locked(exc):
+        if dialect.is_transient(exc):
             raise
         raise StoreError(f"Cannot open the database {where(url)}: {exc.orig}") from None
 

@@ -1,8 +1,7 @@
 """What is SQLite's own in the store: connection settings, locking, upserts, the journal.
 
-Everything else in the store is portable SQLAlchemy; a PostgreSQL store would swap this
-module (its `insert` has the same `on_conflict_do_update`, and it needs no PRAGMAs and no
-BEGIN IMMEDIATE) and leave the queries alone.
+Everything else in the store is portable SQLAlchemy; postgres.py has the same names for
+PostgreSQL, and dialect.py picks one by the URL.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
 from sqlalchemy.dialects.sqlite import insert
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import QueuePool
 from sqlalchemy.sql.dml import Insert
 
@@ -86,8 +85,10 @@ def writing(engine: Engine) -> Engine:
     return engine.execution_options(**{_WRITE: True})
 
 
-def is_locked(exc: OperationalError) -> bool:
+def is_transient(exc: DBAPIError) -> bool:
     """Whether `exc` says another connection holds the lock (past the busy timeout)."""
+    if not isinstance(exc, OperationalError):
+        return False
     text = str(exc.orig).lower()
     return "locked" in text or "busy" in text
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, Self, TypeVar
 
-from sqlalchemy import Connection, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 
 from ..jobs import FileStat, Job, TagScore
 from ..models import (
@@ -34,7 +34,7 @@ from ..models import (
     Tag,
 )
 from ..paths import display, folder_prefix, from_db, to_db
-from . import sqlite
+from . import dialect, postgres, sqlite
 from .reader import Reader, at_or_under, under_folder
 from .schema import BUSY_TIMEOUT, migrate, waits_for_locks
 from .sqlite import CHUNK
@@ -129,7 +129,8 @@ class Store(Reader):
         self, url: str, *, busy_timeout: float = BUSY_TIMEOUT, sidecars: bool = False
     ) -> None:
         super().__init__(url, busy_timeout=busy_timeout)
-        self._writer = sqlite.writing(self.engine)
+        pg = self.engine.dialect.name == dialect.POSTGRESQL
+        self._writer: Engine = (postgres if pg else sqlite).writing(self.engine)
         self.sidecars = sidecars
 
     @classmethod
@@ -349,7 +350,8 @@ class Store(Reader):
                     tagged.append(job.photo_id)
                 if result.embedding is not None:
                     conn.execute(
-                        sqlite.upsert(
+                        dialect.upsert(
+                            conn,
                             Embedding,
                             "photo_id",
                             photo_id=job.photo_id,
@@ -503,7 +505,7 @@ class Store(Reader):
     def set_label_set_digest(self, name: str, digest: str) -> None:
         """Record what the tags of the set `name` were computed with (see retag.py)."""
         with self._writer.begin() as conn:
-            conn.execute(sqlite.upsert(LabelSetDigest, "name", name=name, digest=digest))
+            conn.execute(dialect.upsert(conn, LabelSetDigest, "name", name=name, digest=digest))
 
     @waits_for_locks
     def record_retag(self, ok: bool, message: str) -> None:
@@ -551,7 +553,8 @@ class Store(Reader):
                         )
                     )
                 conn.execute(
-                    sqlite.upsert(
+                    dialect.upsert(
+                        conn,
                         Decision,
                         ("photo_id", "label_set", "label"),
                         photo_id=photo_id,
@@ -601,7 +604,7 @@ class Store(Reader):
         now = _now()
         for start in range(0, len(photo_ids), CHUNK):
             rows = [{"photo_id": i, "queued_at": now} for i in photo_ids[start : start + CHUNK]]
-            conn.execute(sqlite.upsert_rows(SidecarOutbox, "photo_id", rows))
+            conn.execute(dialect.upsert_rows(conn, SidecarOutbox, "photo_id", rows))
 
     @waits_for_locks
     def queue_sidecars(
@@ -727,7 +730,7 @@ class Store(Reader):
                 }
                 for save, (text, raw) in zip(saves, texts, strict=True)
             ]
-            conn.execute(sqlite.upsert_rows(Sidecar, "path", rows))
+            conn.execute(dialect.upsert_rows(conn, Sidecar, "path", rows))
 
     @waits_for_locks
     def forget_sidecar(self, path: str) -> None:

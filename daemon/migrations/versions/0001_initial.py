@@ -8,6 +8,8 @@ Create Date: 2026-11-27
 import sqlalchemy as sa
 from alembic import op
 
+from cliptagd.models import BigInt, PathText
+
 revision = "0001"
 down_revision = None
 branch_labels = None
@@ -18,8 +20,8 @@ def upgrade() -> None:
     op.create_table(
         "photos",
         sa.Column("id", sa.Integer(), primary_key=True),
-        sa.Column("path", sa.Text(), nullable=False, unique=True),
-        sa.Column("size", sa.Integer(), nullable=False),
+        sa.Column("path", PathText, nullable=False, unique=True),
+        sa.Column("size", BigInt, nullable=False),
         sa.Column("mtime", sa.Float(), nullable=False),
         sa.Column("status", sa.String(16), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),
@@ -32,7 +34,7 @@ def upgrade() -> None:
     op.create_index("ix_photos_status", "photos", ["status"])
     op.create_table(
         "tags",
-        sa.Column("id", sa.Integer(), primary_key=True),
+        sa.Column("id", BigInt, primary_key=True),
         sa.Column(
             "photo_id",
             sa.Integer(),

@@ -9,6 +9,8 @@ Create Date: 2026-11-27
 import sqlalchemy as sa
 from alembic import op
 
+from cliptagd.models import BigInt
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -63,6 +65,77 @@ TRIGGERS = [
         WHERE (label_set, label) IN (SELECT label_set, label FROM tags WHERE photo_id = OLD.id);
     END""",
 ]
+# The same on PostgreSQL: PL/pgSQL functions, one per table. A photo's cascade-deleted
+# tags find no photo row (it is gone), as on SQLite, so they are not counted twice.
+PG_TRIGGERS = [
+    f"""CREATE FUNCTION label_counts_tags() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'INSERT' THEN
+            IF (SELECT status FROM photos WHERE id = NEW.photo_id) IN {SHOWN} THEN
+                INSERT INTO label_counts (label_set, label, count)
+                VALUES (NEW.label_set, NEW.label, 1)
+                ON CONFLICT (label_set, label) DO UPDATE SET count = label_counts.count + 1;
+            END IF;
+            RETURN NEW;
+        END IF;
+        IF (SELECT status FROM photos WHERE id = OLD.photo_id) IN {SHOWN} THEN
+            UPDATE label_counts SET count = count - 1
+            WHERE label_set = OLD.label_set AND label = OLD.label;
+        END IF;
+        RETURN OLD;
+    END $$""",
+    f"""CREATE FUNCTION label_counts_photos() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        IF TG_OP = 'DELETE' THEN
+            IF OLD.status IN {SHOWN} THEN
+                UPDATE label_counts SET count = count - 1 WHERE (label_set, label) IN
+                    (SELECT label_set, label FROM tags WHERE photo_id = OLD.id);
+            END IF;
+            RETURN OLD;
+        END IF;
+        IF OLD.status NOT IN {SHOWN} AND NEW.status IN {SHOWN} THEN
+            INSERT INTO label_counts (label_set, label, count)
+            SELECT label_set, label, 1 FROM tags WHERE photo_id = NEW.id
+            ON CONFLICT (label_set, label) DO UPDATE SET count = label_counts.count + 1;
+        ELSIF OLD.status IN {SHOWN} AND NEW.status NOT IN {SHOWN} THEN
+            UPDATE label_counts SET count = count - 1 WHERE (label_set, label) IN
+                (SELECT label_set, label FROM tags WHERE photo_id = OLD.id);
+        END IF;
+        RETURN NEW;
+    END $$""",
+    "CREATE TRIGGER label_counts_tag_added AFTER INSERT ON tags "
+    "FOR EACH ROW EXECUTE FUNCTION label_counts_tags()",
+    "CREATE TRIGGER label_counts_tag_removed AFTER DELETE ON tags "
+    "FOR EACH ROW EXECUTE FUNCTION label_counts_tags()",
+    "CREATE TRIGGER label_counts_photo_status AFTER UPDATE OF status ON photos "
+    "FOR EACH ROW EXECUTE FUNCTION label_counts_photos()",
+    "CREATE TRIGGER label_counts_photo_deleted BEFORE DELETE ON photos "
+    "FOR EACH ROW EXECUTE FUNCTION label_counts_photos()",
+    # Numbers in commit order: the transaction lock (0x636C69700003, held to the commit)
+    # lets no other writer take a number meanwhile, so a search index that has read up to
+    # N never misses a later commit below N, however many hosts write.
+    "CREATE SEQUENCE embeddings_seq_numbers",
+    """CREATE FUNCTION embeddings_seq() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_advisory_xact_lock(109317276565507);
+        NEW.seq := nextval('embeddings_seq_numbers');
+        RETURN NEW;
+    END $$""",
+    "CREATE TRIGGER embeddings_seq BEFORE INSERT OR UPDATE OF vector, model_id ON embeddings "
+    "FOR EACH ROW EXECUTE FUNCTION embeddings_seq()",
+]
+PG_DROP = [
+    "DROP TRIGGER embeddings_seq ON embeddings",
+    "DROP FUNCTION embeddings_seq",
+    "DROP SEQUENCE embeddings_seq_numbers",
+    "DROP TRIGGER label_counts_tag_added ON tags",
+    "DROP TRIGGER label_counts_tag_removed ON tags",
+    "DROP TRIGGER label_counts_photo_status ON photos",
+    "DROP TRIGGER label_counts_photo_deleted ON photos",
+    "DROP FUNCTION label_counts_tags",
+    "DROP FUNCTION label_counts_photos",
+]
+
 TRIGGER_NAMES = [
     "label_counts_tag_added", "label_counts_tag_removed", "label_counts_photo_shown",
     "label_counts_photo_hidden", "label_counts_photo_deleted",
@@ -80,13 +153,14 @@ def upgrade() -> None:
         ),
         sa.Column("model_id", sa.Text(), nullable=False),
         sa.Column("vector", sa.LargeBinary(), nullable=False),
-        sa.Column("seq", sa.Integer(), nullable=True),
+        sa.Column("seq", BigInt, nullable=True),
     )
     op.create_index("ix_embeddings_model_id", "embeddings", ["model_id"])
     op.create_index("ix_embeddings_seq", "embeddings", ["seq"])
     # Every embedding written gets the next number, so a search index kept beside the
     # database reads only what changed since it was last brought up to date.
-    for event in ("INSERT", "UPDATE OF vector, model_id"):
+    postgresql = op.get_bind().dialect.name == "postgresql"
+    for event in () if postgresql else ("INSERT", "UPDATE OF vector, model_id"):
         name = "embeddings_seq_" + event.split()[0].lower()
         op.execute(
             f"CREATE TRIGGER {name} AFTER {event} ON embeddings BEGIN "
@@ -114,7 +188,7 @@ def upgrade() -> None:
         f"JOIN photos ON photos.id = tags.photo_id WHERE photos.status IN {SHOWN} "
         "GROUP BY tags.label_set, tags.label"
     )
-    for trigger in TRIGGERS:
+    for trigger in PG_TRIGGERS if postgresql else TRIGGERS:
         op.execute(trigger)
     # Covering, in score order: a one-tag query at a million photos reads only this index
     # and the matching photos' rows.
@@ -125,14 +199,16 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_tags_label_score", "tags")
     op.create_index("ix_tags_label_set_score", "tags", ["label", "label_set", "score"])
-    for name in TRIGGER_NAMES:
-        op.execute(f"DROP TRIGGER {name}")
+    postgresql = op.get_bind().dialect.name == "postgresql"
+    for statement in PG_DROP if postgresql else [f"DROP TRIGGER {n}" for n in TRIGGER_NAMES]:
+        op.execute(statement)
     op.drop_table("label_counts")
     op.execute("DROP VIEW photo_tags")
     op.execute(VIEW.format("'tagged'"))
     op.drop_table("label_sets")
-    op.execute("DROP TRIGGER embeddings_seq_insert")
-    op.execute("DROP TRIGGER embeddings_seq_update")
+    if not postgresql:
+        op.execute("DROP TRIGGER embeddings_seq_insert")
+        op.execute("DROP TRIGGER embeddings_seq_update")
     op.drop_index("ix_embeddings_seq", "embeddings")
     op.drop_index("ix_embeddings_model_id", "embeddings")
     op.drop_table("embeddings")

@@ -8,6 +8,8 @@ Create Date: 2026-11-28
 import sqlalchemy as sa
 from alembic import op
 
+from cliptagd.models import BigInt, PathText
+
 revision = "0006"
 down_revision = "0005"
 branch_labels = None
@@ -68,11 +70,11 @@ def upgrade() -> None:
     )
     op.create_table(
         "sidecars",
-        sa.Column("path", sa.Text(), primary_key=True),
+        sa.Column("path", PathText, primary_key=True),
         sa.Column("raw_path", sa.LargeBinary(), nullable=True),
         sa.Column("photo_id", sa.Integer(), nullable=True, index=True),
-        sa.Column("size", sa.Integer(), nullable=True),
-        sa.Column("mtime_ns", sa.Integer(), nullable=True),
+        sa.Column("size", BigInt, nullable=True),
+        sa.Column("mtime_ns", BigInt, nullable=True),
         sa.Column("created", sa.Boolean(), nullable=False),
         sa.Column("owned", sa.Text(), nullable=False),
         sa.Column("problem", sa.Text(), nullable=True),

@@ -82,6 +82,10 @@ class Photo(Base):
     # What a failed photo failed under (decoders, limits, model): when that changes, it is
     # tried again.
     failed_with: Mapped[str | None] = mapped_column(Text, default=None)
+    # On a database several hosts share (PostgreSQL): the host that claimed it, and until
+    # when (the database's clock, UTC); another host may claim it once that has passed.
+    claimed_by: Mapped[str | None] = mapped_column(Text, default=None)
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime, default=None)
 
     __table_args__ = (Index("ix_photos_status", "status"), Index("ix_photos_size", "size"))
 
@@ -208,3 +212,28 @@ class Retag(Base):
     finished_at: Mapped[datetime] = mapped_column(DateTime)
     ok: Mapped[bool] = mapped_column(Boolean)
     message: Mapped[str] = mapped_column(Text)
+
+
+class Host(Base):
+    """A cliptagd process on a shared database: its role, when it was last seen, the tagging
+    config it runs (model and label-set digests) and, if it waits, why (`status`)."""
+
+    __tablename__ = "hosts"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    role: Mapped[str] = mapped_column(String(8))
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    seen_at: Mapped[datetime] = mapped_column(DateTime)
+    config: Mapped[str | None] = mapped_column(Text, default=None)
+    waiting: Mapped[str | None] = mapped_column(Text, default=None)
+    tagged: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Setting(Base):
+    """Facts of the whole database: `tagging` is the tagging config every tag host must run
+    (JSON: the model and each label set's digest)."""
+
+    __tablename__ = "settings"
+
+    name: Mapped[str] = mapped_column(Text, primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

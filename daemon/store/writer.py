@@ -11,6 +11,8 @@ it needs to know of the disk, its callers tell it.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -40,6 +42,10 @@ from .schema import BUSY_TIMEOUT, migrate, waits_for_locks
 from .sqlite import CHUNK
 
 log = logging.getLogger(__name__)
+
+# How long a claim on a shared database holds before another host may take the photo; the
+# claiming host renews it while it works (database.lease_seconds).
+LEASE = timedelta(seconds=60)
 
 # A photo whose decoding failed in a way that may pass (still being written) waits this long
 # per attempt before it is tried again.
@@ -126,17 +132,35 @@ class Store(Reader):
     readonly = False
 
     def __init__(
-        self, url: str, *, busy_timeout: float = BUSY_TIMEOUT, sidecars: bool = False
+        self,
+        url: str,
+        *,
+        busy_timeout: float = BUSY_TIMEOUT,
+        sidecars: bool = False,
+        host: str | None = None,
+        lease: timedelta = LEASE,
     ) -> None:
         super().__init__(url, busy_timeout=busy_timeout)
         pg = self.engine.dialect.name == dialect.POSTGRESQL
         self._writer: Engine = (postgres if pg else sqlite).writing(self.engine)
         self.sidecars = sidecars
+        # On a shared database, photos are claimed under a lease in this host's name; on
+        # SQLite one daemon holds the database's lock, and claims need no lease.
+        self.host = (host or default_host()) if pg else None
+        self.lease = lease
 
     @classmethod
-    def open(cls, url: str, *, busy_timeout: float = BUSY_TIMEOUT, sidecars: bool = False) -> Self:
+    def open(
+        cls,
+        url: str,
+        *,
+        busy_timeout: float = BUSY_TIMEOUT,
+        sidecars: bool = False,
+        host: str | None = None,
+        lease: timedelta = LEASE,
+    ) -> Self:
         """Open the database at `url`, creating it or migrating it to this code's schema."""
-        store = cls(url, busy_timeout=busy_timeout, sidecars=sidecars)
+        store = cls(url, busy_timeout=busy_timeout, sidecars=sidecars, host=host, lease=lease)
         try:
             store.migrate()
         except BaseException:
@@ -269,7 +293,8 @@ class Store(Reader):
     @waits_for_locks
     def claim(self, limit: int, exclude: Collection[int] = ()) -> list[Job]:
         """Up to `limit` photos to process, not among `exclude`: pending ones that are due,
-        oldest first, then stale ones (tagged by another model)."""
+        oldest first, then stale ones (tagged by another model). On a shared database they
+        are leased to this host (see `_lease`)."""
         jobs: list[Job] = []
         for status, due in ((Status.PENDING, True), (Status.STALE, False)):
             if len(jobs) >= limit:
@@ -279,17 +304,63 @@ class Store(Reader):
                 query = query.where((Photo.retry_at.is_(None)) | (Photo.retry_at <= _now()))
             if exclude:
                 query = query.where(Photo.id.not_in(list(exclude)))
-            with self.engine.connect() as conn:
-                jobs += [_job(row) for row in conn.execute(query)]
+            jobs += self._take(query)
         return jobs
 
     @waits_for_locks
     def claim_ids(self, photo_ids: Collection[int], limit: int) -> list[Job]:
         """Up to `limit` of the given photos that are still pending."""
         claimable = Photo.id.in_(list(photo_ids)) & Photo.status.in_(_CLAIMABLE)
-        query = _JOBS.where(claimable).limit(limit)
-        with self.engine.connect() as conn:
-            return [_job(row) for row in conn.execute(query)]
+        return self._take(_JOBS.where(claimable).limit(limit))
+
+    def _take(self, query: Any) -> list[Job]:
+        if self.host is None:
+            with self.engine.connect() as conn:
+                return [_job(row) for row in conn.execute(query)]
+        return self._lease(query)
+
+    def _lease(self, query: Any) -> list[Job]:
+        """The photos of `query` no other host holds, leased to this one until the database's
+        clock passes `lease`: rows another host is claiming at this instant are skipped,
+        not waited for (FOR UPDATE SKIP LOCKED), so any number of hosts claim at once."""
+        now = server_now()
+        free = or_(
+            Photo.lease_until.is_(None), Photo.lease_until < now, Photo.claimed_by == self.host
+        )
+        with self._writer.begin() as conn:
+            rows = conn.execute(query.where(free).with_for_update(skip_locked=True)).all()
+            if rows:
+                conn.execute(
+                    update(Photo)
+                    .where(Photo.id.in_([row.id for row in rows]))
+                    .values(claimed_by=self.host, lease_until=now + self.lease)
+                )
+        return [_job(row) for row in rows]
+
+    @waits_for_locks
+    def renew(self, photo_ids: Collection[int]) -> int:
+        """Extend this host's lease on these photos; return how many it still holds (a
+        photo another host has claimed since, after this one's lease ran out, is lost)."""
+        if self.host is None or not photo_ids:
+            return len(photo_ids)
+        with self._writer.begin() as conn:
+            return conn.execute(
+                update(Photo)
+                .where(Photo.id.in_(list(photo_ids)), Photo.claimed_by == self.host)
+                .values(lease_until=server_now() + self.lease)
+            ).rowcount
+
+    @waits_for_locks
+    def release(self, photo_ids: Collection[int]) -> None:
+        """Give up this host's lease on these photos (it stops): others may claim them now."""
+        if self.host is None or not photo_ids:
+            return
+        with self._writer.begin() as conn:
+            conn.execute(
+                update(Photo)
+                .where(Photo.id.in_(list(photo_ids)), Photo.claimed_by == self.host)
+                .values(claimed_by=None, lease_until=None)
+            )
 
     @waits_for_locks
     def save_results(
@@ -307,7 +378,7 @@ class Store(Reader):
         `failed_with` records what a failure happened under (see `retry_failed`).
         """
         written, failed, tagged = 0, set(), []
-        now = _now()
+        now, now_db = _now(), server_now()
         with self._writer.begin() as conn:
             for result in results:
                 job = result.job
@@ -317,6 +388,10 @@ class Store(Reader):
                     & (Photo.mtime == job.mtime)
                     & (Photo.status.in_(_CLAIMABLE))
                 )
+                if self.host is not None:
+                    # Only under this host's own lease: a host whose lease ran out (a long
+                    # pause, say) has its late result dropped; another host redoes it.
+                    current &= (Photo.claimed_by == self.host) & (Photo.lease_until > now_db)
                 values: dict[str, Any]
                 if result.error is None:
                     values = {
@@ -341,7 +416,11 @@ class Store(Reader):
                         "retry_at": now + RETRY_DELAY * attempts if again else None,
                         "failed_with": None if again else failed_with,
                     }
+                values |= {"claimed_by": None, "lease_until": None}
                 if conn.execute(update(Photo).where(current).values(values)).rowcount != 1:
+                    if self.host is not None:
+                        log.info("Dropped the result for %s: no longer leased to this host",
+                                 display(job.path))  # fmt: skip
                     continue
                 written += 1
                 if values["status"] == Status.FAILED:
@@ -382,7 +461,13 @@ class Store(Reader):
         now = _now()
         with self._writer.begin() as conn:
             held = Photo.id.in_(list(photo_ids)) & Photo.status.in_(_CLAIMABLE)
-            conn.execute(update(Photo).where(held).values(attempts=Photo.attempts + 1))
+            if self.host is not None:
+                held &= Photo.claimed_by == self.host
+            conn.execute(
+                update(Photo)
+                .where(held)
+                .values(attempts=Photo.attempts + 1, claimed_by=None, lease_until=None)
+            )
             failed = conn.execute(
                 update(Photo)
                 .where(held & (Photo.attempts >= max_attempts))
@@ -767,6 +852,17 @@ def _record(row: Any) -> SidecarRecord:
     )
 
 
+def default_host() -> str:
+    """This process's name on a shared database: host name and process id."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def server_now() -> Any:
+    """The database's clock, as naive UTC (how times are stored): leases are compared with
+    one clock, whatever the hosts' clocks say."""
+    return func.timezone("UTC", func.now())
+
+
 def _now() -> datetime:
     # Stored as naive UTC: SQLite has no time zones, and naive values compare correctly.
     return datetime.now(UTC).replace(tzinfo=None)
@@ -782,6 +878,8 @@ def _queued(now: datetime) -> dict[str, Any]:
         "queued_at": now,
         "deleted_at": None,
         "failed_with": None,
+        "claimed_by": None,
+        "lease_until": None,
     }
 
 

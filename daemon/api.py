@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
+import hashlib
 import os
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass
@@ -51,10 +52,11 @@ from .evaluate import (
 )
 from .lock import DatabaseLock, Locked, check_owner
 from .models import VISIBLE, Action, Status
-from .paths import display, normalise, normalise_folder
+from .paths import display, normalise, normalise_folder, use_map
 from .retag import RetagReport
 from .retag import retag as _retag
 from .store import (
+    HostState,
     LabelCount,
     PhotoState,
     Reader,
@@ -67,6 +69,7 @@ from .store import (
     UnsupportedDatabase,
     sqlite_file,
 )
+from .store.schema import is_shared, where
 
 if TYPE_CHECKING:  # at run time, see __getattr__
     from .search import Match as Match
@@ -132,6 +135,8 @@ class StatusReport:
     # cliptagd's namespace), problems (not written: malformed, unwritable, a symlink...).
     sidecars: dict[str, int] = dataclasses.field(default_factory=dict)
     sidecar_problems: list[SidecarState] = dataclasses.field(default_factory=list)
+    # On a shared database: the hosts at work, and why any of them waits.
+    hosts: list[HostState] = dataclasses.field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,8 +160,11 @@ class FetchedModel:
 
 def read_config(path: str | os.PathLike[str] | None = None) -> Config:
     """The config at `path`, else $CLIPTAGD_CONFIG, else the default locations, validated.
-    Raises ConfigError."""
-    return load_config(find_config(Path(path).expanduser() if path else None))
+    Its path map (paths.map) applies to this process's paths from now on. Raises
+    ConfigError."""
+    config = load_config(find_config(Path(path).expanduser() if path else None))
+    use_map(config.paths.map)
+    return config
 
 
 def _url(config: str | os.PathLike[str] | Config | None, url: str | None) -> str:
@@ -270,6 +278,7 @@ def status(store: Reader, failures: int = 20) -> StatusReport:
         store.last_retag(),
         store.sidecar_counts() | {"problems": problems},
         latest,
+        store.hosts(),
     )
 
 
@@ -423,7 +432,12 @@ def _known(
 
 
 def search_index_dir(config: Config) -> Path:
-    """Where the search keeps its copy of the embeddings, for the config's database."""
+    """Where the search keeps its copy of the embeddings, for the config's database: on a
+    shared database, one folder per database (a host may serve several)."""
+    url = config.database.url
+    if is_shared(url):
+        digest = hashlib.sha256(where(url).encode()).hexdigest()[:12]
+        return config.cache_path / "search" / f"postgresql-{digest}"
     return config.cache_path / "search"
 
 

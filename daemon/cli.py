@@ -164,8 +164,16 @@ def cli() -> None:
 
 @cli.command()
 @config_option
+@click.option(
+    "--role",
+    type=click.Choice(["all", "watch", "tag"]),
+    default="all",
+    show_default=True,
+    help="On a shared PostgreSQL database: watch folders and queue photos (watch: no model, "
+    "a NAS can run it), tag queued photos (tag: any number of hosts), or both (all).",
+)
 @click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
-def run(config_path: Path | None, verbose: bool) -> None:
+def run(config_path: Path | None, role: str, verbose: bool) -> None:
     """Run the daemon in the foreground: catch up, then tag new photos as they arrive.
 
     Stops cleanly on SIGTERM or Ctrl-C. This is what the systemd unit runs.
@@ -182,7 +190,7 @@ def run(config_path: Path | None, verbose: bool) -> None:
 
     try:
         check_owner(config.database.url, "run")
-        code = run_daemon(config, path)
+        code = run_daemon(config, path, role)
     except StoreError as exc:
         raise _store_failure(exc) from None
     except StartupError as exc:
@@ -615,6 +623,13 @@ def status(config_path: Path | None, fmt: str) -> None:
         if key == Status.STALE and not report.counts[key]:
             continue  # only while a new model re-encodes
         click.echo(f"{key:>8}: {report.counts[key]}")
+    if report.hosts:
+        click.echo("\nHosts:")
+        for host in report.hosts:
+            seen = f"seen {host.seen_at:%H:%M:%S} UTC"
+            click.echo(f"  {host.name} ({host.role}, {seen})")
+            if host.waiting:
+                click.echo(f"    waiting: {host.waiting}")
     if report.last_retag is not None:
         last = report.last_retag
         click.echo(f"\nLast re-tag ({last.finished_at:%Y-%m-%d %H:%M:%S} UTC): {last.message}")

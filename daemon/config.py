@@ -103,6 +103,24 @@ class ModelConfig(_Frozen):
 
 class DatabaseConfig(_Frozen):
     url: str = "sqlite:////var/lib/cliptagd/tags.db"
+    # On a shared database (PostgreSQL), how long a tag host's claim on a photo holds
+    # before another host may take it; renewed every third of it while the host works, so
+    # only a host that died or paused loses its photos.
+    lease_seconds: Annotated[float, Field(ge=5, le=86400)] = 60.0
+
+
+class PathsConfig(_Frozen):
+    # The database's path of a share (canonical prefix): where this host mounts it. Every
+    # path crosses this map as it enters or leaves the database (see paths.PathMap).
+    map: dict[str, str] = {}
+
+    @field_validator("map")
+    @classmethod
+    def _check_map(cls, value: dict[str, str]) -> dict[str, str]:
+        for canonical, here in value.items():
+            if not (canonical.startswith("/") and here.startswith("/")):
+                raise ValueError(f"{canonical!r}: {here!r}: both must be absolute paths")
+        return value
 
 
 class WorkerConfig(_Frozen):
@@ -321,6 +339,7 @@ class Config(_Frozen):
     watch: WatchConfig
     model: ModelConfig = ModelConfig()
     database: DatabaseConfig = DatabaseConfig()
+    paths: PathsConfig = PathsConfig()
     worker: WorkerConfig = WorkerConfig()
     label_sets: Annotated[dict[str, LabelSetConfig], Field(min_length=1)]
     xmp: XmpConfig = XmpConfig()

@@ -11,9 +11,18 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import socket
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
+
+from .paths import canonical
 from .store import StoreError, sqlite_file
+from .store.postgres import FOLDER_LOCK_SPACE
+from .store.schema import engine_url
 
 
 class Locked(StoreError):
@@ -91,3 +100,53 @@ def check_owner(url: str, command: str) -> None:
         f"{database} belongs to the user {name}; run this as that user "
         f"(sudo -u {name} cliptagd {command} ...), so that the files it writes stay theirs."
     )
+
+
+class FolderLocks:
+    """On a shared database (PostgreSQL): the right to watch these folders, one `all` or
+    `watch` host per folder. Session-level advisory locks, keyed by each folder's canonical
+    path (paths.map applied), on a connection held for the daemon's life: the server drops
+    them when the host's connection ends, however it ends."""
+
+    def __init__(self, url: str, folders: Sequence[str]) -> None:
+        self.url = url
+        self.folders = [canonical(folder) for folder in folders]
+        self._engine: Any = None
+        self._conn: Any = None
+
+    def acquire(self, what: str) -> None:
+        self._engine = create_engine(
+            engine_url(self.url),
+            poolclass=NullPool,
+            connect_args={"application_name": f"{what} on {socket.gethostname()}"[:63]},
+        )
+        self._conn = self._engine.connect()
+        for folder in self.folders:
+            taken = self._conn.scalar(
+                text("SELECT pg_try_advisory_lock(:space, hashtext(:folder))"),
+                {"space": FOLDER_LOCK_SPACE, "folder": folder},
+            )
+            self._conn.commit()
+            if not taken:
+                holder = self._conn.scalar(
+                    text(
+                        "SELECT a.application_name FROM pg_locks l JOIN pg_stat_activity a "
+                        "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.classid = :space "
+                        "AND l.objid = hashtext(:folder)::oid LIMIT 1"
+                    ),
+                    {"space": FOLDER_LOCK_SPACE, "folder": folder},
+                )
+                self.release()
+                raise Locked(
+                    f"{holder or 'another host'} already watches {folder}; one `all` or "
+                    "`watch` host per watched folder (run this one with --role tag, or "
+                    "watch other folders)."
+                )
+
+    def release(self) -> None:
+        if self._conn is not None:
+            self._conn.close()  # closing the session drops its locks
+            self._conn = None
+        if self._engine is not None:
+            self._engine.dispose()
+            self._engine = None

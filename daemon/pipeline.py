@@ -54,7 +54,7 @@ class Pipeline:
     def __init__(
         self,
         store: Store,
-        worker: Engine,
+        worker: Engine | None,
         *,
         model_id: str,
         batch_size: int,
@@ -75,10 +75,17 @@ class Pipeline:
         self.in_flight: dict[int, Job] = {}
         self._claim_needed = True
         self.queued = 0  # photos that became pending through this pipeline
+        self.written = 0  # results this pipeline wrote (on a shared database: this host's)
         # Photos the worker held when it died. One of them may be what killed it, so they go
         # back one at a time until each has an outcome: a poison photo then dies alone.
         self.suspects: set[int] = set()
         self.last_progress = time.monotonic()
+        # On a shared database the photos at the worker are leased: renewed this often.
+        self.renew_every = store.lease.total_seconds() / 3
+        self.next_renewal = time.monotonic() + self.renew_every
+        # A tag host whose config differs from the database's claims nothing (see
+        # Runner.agree); a watch host has no worker at all.
+        self.paused = worker is None
 
     def use_worker(
         self,
@@ -127,6 +134,8 @@ class Pipeline:
         self._record_intake()
         self._dispatch()
         if self.in_flight:
+            assert self.worker is not None
+            self._renew_leases()
             outcomes = self.worker.outcomes(timeout=timeout)
             if outcomes:
                 self._save(outcomes)
@@ -151,7 +160,9 @@ class Pipeline:
             self._save(outcomes)
 
     def hand_back(self) -> None:
-        """The worker is gone: its jobs stay pending in the database and are claimed again."""
+        """The worker is gone: its jobs stay pending in the database and are claimed again
+        (by any host, on a shared database: this one's leases on them end)."""
+        self.store.release(list(self.in_flight))
         self.in_flight.clear()
         self._claim_needed = True
 
@@ -208,7 +219,22 @@ class Pipeline:
             self.queued += queued
             self._claim_needed = True
 
+    def _renew_leases(self) -> None:
+        now = time.monotonic()
+        if self.store.host is None or now < self.next_renewal:
+            return
+        self.next_renewal = now + self.renew_every
+        held = self.store.renew(list(self.in_flight))
+        if held < len(self.in_flight):
+            log.warning(
+                "%d photo(s) at the worker were claimed by another host (this one's lease ran "
+                "out: was it paused?); their results will be dropped",
+                len(self.in_flight) - held,
+            )
+
     def _dispatch(self) -> None:
+        if self.paused or self.worker is None:
+            return
         if not self.in_flight:
             self.last_progress = time.monotonic()
         if self.suspects:
@@ -234,6 +260,7 @@ class Pipeline:
             outcomes, self.model_id, self.max_attempts, self.failed_with
         )
         self.last_progress = time.monotonic()
+        self.written += saved.written
         for outcome in outcomes:
             self.in_flight.pop(outcome.job.photo_id, None)
             self.suspects.discard(outcome.job.photo_id)

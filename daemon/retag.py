@@ -53,6 +53,16 @@ def set_digest(model_id: str, name: str, spec: LabelSetConfig, taught: str = "")
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def tagging_config(tagger: ClipTagger) -> str:
+    """What every tag host on a shared database must run alike (JSON): the model, and each
+    label set's digest (its config; what a set was taught is shared in the database)."""
+    sets = {
+        name: set_digest(tagger.model_id, name, spec)
+        for name, spec in tagger.label_set_configs.items()
+    }
+    return json.dumps({"model": tagger.model_id, "sets": sets}, sort_keys=True)
+
+
 @dataclass(frozen=True)
 class RetagReport:
     changed: list[str]

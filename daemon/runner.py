@@ -16,6 +16,8 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
 
 from .config import Config
 from .jobs import Outcome
@@ -23,6 +25,7 @@ from .metrics import Runtime
 from .pipeline import Pipeline
 from .sidecars import SidecarThread, SidecarWriter
 from .store import Store
+from .store.writer import HEARTBEAT
 from .worker import ModelUnavailable, Ready, Worker, WorkerError
 
 log = logging.getLogger(__name__)
@@ -35,6 +38,10 @@ SHUTDOWN_GRACE_SECONDS = 5.0
 # again (raised to max_attempts + 1: a poison photo may kill it that often before it is
 # quarantined).
 MAX_RESTARTS = 3
+
+
+# A host waiting for the database's config looks again (and says so again) this often.
+AGREE_EVERY = 60.0
 
 
 class StartupError(Exception):
@@ -88,8 +95,15 @@ class Runner:
         *,
         on_outcomes: Callable[[Sequence[Outcome]], None] | None = None,
         runtime: Runtime | None = None,
+        role: str = "all",
     ) -> None:
         self.config = config
+        self.role = role
+        # On a shared database: what this host tags with, and why it claims nothing if so.
+        self.tagging: str | None = None
+        self.waiting: str | None = None
+        self.next_beat = 0.0
+        self.next_agree = 0.0
         self.stop = stop
         self.on_outcomes = on_outcomes
         self.runtime = runtime  # the daemon's metrics, if it serves them
@@ -116,20 +130,64 @@ class Runner:
         empty database) and catch up. Raises StartupError, or Stopped on SIGTERM."""
         try:
             ready = _start(self.worker, self.stop, self.runtime)
-            self.store = Store.open(self.config.database.url, sidecars=self.config.xmp.write)
+            self.store = _open_store(self.config)
         except BaseException:
             self.worker.kill()
             raise
+        self.tagging = ready.tagging
+        # A host whose config differs from the database's touches nothing (see _agree).
+        self._check_agreement()
         self._pipeline = Pipeline(
             self.store,
             self.worker,
             model_id=ready.model_id,
             batch_size=self.config.worker.batch_size,
             max_attempts=self.config.worker.max_attempts,
-            failed_with=self._catch_up(self.config, ready),
+            failed_with=(
+                self._catch_up(self.config, ready)
+                if self.waiting is None
+                else failure_context(self.config, ready.model_id)
+            ),
             on_outcomes=self._outcomes,
         )
+        self.pipeline.paused = self.waiting is not None
         self._use_sidecars(self.config)
+
+    def _check_agreement(self) -> None:
+        """On a shared database: tag only with the config the database records (see
+        Store.agree); otherwise wait, claiming nothing, and say why every minute."""
+        assert self.store is not None and self.tagging is not None
+        if self.store.host is None:
+            return
+        self.waiting = self.store.agree(self.role, self.tagging)
+        self.next_agree = time.monotonic() + AGREE_EVERY
+        self.next_beat = time.monotonic() + HEARTBEAT.total_seconds()
+        if self.waiting is not None:
+            log.warning("Waiting: %s.", self.waiting)
+
+    def _agree(self) -> None:
+        """Look again while waiting; once this host's config is the database's, a new
+        worker re-tags with it (once for every host), and tagging starts."""
+        self._check_agreement()
+        if self.waiting is not None:
+            return
+        log.info("The database now runs this host's config: tagging")
+        self.worker.kill()
+        self.worker = Worker(self.config)
+        ready = _start(self.worker, self.stop, self.runtime)
+        self.pipeline.paused = False
+        self.pipeline.use_worker(self.worker, failed_with=self._catch_up(self.config, ready))
+
+    def _beat(self) -> None:
+        assert self.store is not None
+        if self.store.host is None:
+            return
+        now = time.monotonic()
+        if self.waiting is not None and now >= self.next_agree:
+            self._agree()
+        elif now >= self.next_beat:
+            self.next_beat = now + HEARTBEAT.total_seconds()
+            self.store.heartbeat(self.role, self.tagging, self.waiting)
 
     def _use_sidecars(self, config: Config) -> None:
         """Write sidecars (in a thread of their own) if `config` says so; stop if not."""
@@ -185,6 +243,7 @@ class Runner:
         """One turn: record arrivals, feed the worker, save its results; replace a worker
         that died or hangs; swap in a reloaded config's worker once it is ready."""
         try:
+            self._beat()
             self.pipeline.step(timeout)
             if self.pipeline.stalled(self.config.worker.stall_seconds):
                 raise WorkerError(
@@ -285,4 +344,55 @@ class Runner:
 
     def close(self) -> None:
         if self.store is not None:
+            self.store.leave()
             self.store.close()
+
+
+def _open_store(config: Config) -> Store:
+    lease = timedelta(seconds=config.database.lease_seconds)
+    return Store.open(config.database.url, sidecars=config.xmp.write, lease=lease)
+
+
+class WatchRunner(Runner):
+    """`cliptagd run --role watch`, on a shared database: the pipeline records what the
+    watcher and the scans see, and sidecars are written here (the host that sees the
+    photo folders writable); tag hosts do the tagging. No worker, and so no torch."""
+
+    def __init__(self, config: Config, stop: threading.Event, **kwargs: Any) -> None:
+        super().__init__(config, stop, **kwargs)
+        self.role = "watch"
+
+    def launch(self) -> None:
+        pass
+
+    def start(self) -> None:
+        self.store = _open_store(self.config)
+        self._pipeline = Pipeline(
+            self.store,
+            None,
+            model_id="",
+            batch_size=self.config.worker.batch_size,
+            max_attempts=self.config.worker.max_attempts,
+        )
+        self._use_sidecars(self.config)
+        self.store.heartbeat(self.role, None, None)
+
+    @property
+    def alive(self) -> bool:
+        return True
+
+    def step(self, timeout: float = 0.2) -> None:
+        if time.monotonic() >= self.next_beat:
+            assert self.store is not None
+            self.next_beat = time.monotonic() + HEARTBEAT.total_seconds()
+            self.store.heartbeat(self.role, None, None)
+        self.pipeline.step(timeout)
+
+    def reload(self, config: Config) -> None:
+        self.config = self.next_config = config
+        self._use_sidecars(config)
+
+    def shutdown(self) -> None:
+        if self.sidecars is not None:
+            self.sidecars.stop()
+            self.sidecars = None

@@ -21,14 +21,15 @@ from tqdm import tqdm
 
 from .config import Config, ConfigError, load_config
 from .jobs import Outcome, fingerprint
-from .lock import DatabaseLock
+from .lock import DatabaseLock, FolderLocks
 from .metrics import Runtime
 from .notify import Notifier
 from .pipeline import INTAKE_CHUNK, Pipeline
-from .runner import Runner, StartupError, Stopped
+from .runner import Runner, StartupError, Stopped, WatchRunner
 from .scanner import PathFilter, walk
 from .sidecars import SidecarWriter
 from .store import KEEP_DELETED, Store
+from .store.schema import is_shared
 from .watcher import Watcher
 
 if TYPE_CHECKING:
@@ -106,15 +107,17 @@ def _scan_in_background(
 class Daemon:
     """`cliptagd run`: the watcher, the runner (worker and pipeline), until SIGTERM."""
 
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None, role: str = "all") -> None:
         self.config = config
+        self.role = role
         self.config_path = config_path
         self.notifier = Notifier()
         self.stopper = _Stopper()
         self.reload_requested = threading.Event()
         # The web app's metrics of the running daemon (batches, model load, rate).
         self.runtime = Runtime() if config.web.listen else None
-        self.runner = Runner(config, self.stopper.event, runtime=self.runtime)
+        runner = WatchRunner if role == "watch" else Runner
+        self.runner = runner(config, self.stopper.event, runtime=self.runtime, role=role)
         self.web: WebServer | None = None
         self.watcher: Watcher | None = None
         self.scanner: threading.Thread | None = None
@@ -125,7 +128,8 @@ class Daemon:
         # The worker first: its model loads (seconds) while the rest of the daemon starts.
         self.runner.launch()
         try:
-            _check_roots(self.config)
+            if self.watches:
+                _check_roots(self.config)
             self.stopper.install()
             signal.signal(signal.SIGHUP, lambda *_: self.reload_requested.set())
             self.runner.start()
@@ -142,8 +146,9 @@ class Daemon:
             self.runner.shutdown()
             self.runner.close()
             raise
-        self._start_watching()
-        log.info("cliptagd is running")
+        if self.watches:
+            self._start_watching()
+        log.info("cliptagd is running%s", "" if self.role == "all" else f" (role {self.role})")
         self.notifier.ready(self._status())
         ping_every = self.notifier.watchdog_interval()
         try:
@@ -158,7 +163,8 @@ class Daemon:
                 if ping_every is not None and now >= self.next_ping:
                     # Only while every part is alive: a dead observer or worker that the
                     # loop has not noticed makes systemd restart the service.
-                    if self.watcher is not None and self.watcher.alive and self.runner.alive:
+                    watching = self.watcher is not None and self.watcher.alive
+                    if (watching or not self.watches) and self.runner.alive:
                         self.notifier.watchdog()
                         self.notifier.status(self._status())
                     self.next_ping = now + ping_every
@@ -170,12 +176,19 @@ class Daemon:
                 self.watcher.stop()
             self.runner.shutdown()
             counts = self.store.counts()
+            shared = self.store.host is not None
             self.runner.close()
             log.info(
-                "Stopped: %d tagged, %d pending, %d failed",
+                "Stopped: %d tagged, %d pending, %d failed%s",
                 counts["tagged"], counts["pending"], counts["failed"],
+                f"; this host wrote {self.pipeline.written} result(s)" if shared else "",
             )  # fmt: skip
         return 0
+
+    @property
+    def watches(self) -> bool:
+        """Whether this daemon watches folders (a `tag` host only tags what others queue)."""
+        return self.role != "tag"
 
     @property
     def pipeline(self) -> Pipeline:
@@ -332,16 +345,26 @@ def _sidecar_settings(config: Config) -> tuple[object, ...]:
     return (config.xmp, tuple((name, spec.xmp) for name, spec in config.label_sets.items()))
 
 
-def run_daemon(config: Config, config_path: Path | None = None) -> int:
+def run_daemon(config: Config, config_path: Path | None = None, role: str = "all") -> int:
     """Watch, catch up, tag until SIGTERM/SIGINT; return the exit code.
 
-    Takes the database's lock first (one daemon per database), then starts the worker at
-    once, so that the model loads while the rest starts.
+    Takes the database's lock first (one daemon per SQLite database; on a shared database,
+    one `all` or `watch` host per watched folder), then starts the worker at once, so that
+    the model loads while the rest starts.
     """
-    lock = DatabaseLock(config.database.url)
-    lock.acquire("cliptagd run")
+    shared = is_shared(config.database.url)
+    if role != "all" and not shared:
+        raise StartupError(
+            f"--role {role} needs a database several hosts share (database.url: "
+            "postgresql+psycopg://...); with SQLite one daemon does everything (--role all)."
+        )
+    lock: DatabaseLock | FolderLocks = DatabaseLock(config.database.url)
+    if shared:
+        folders = [str(path) for path in config.watch.paths] if role != "tag" else []
+        lock = FolderLocks(config.database.url, folders)
+    lock.acquire(f"cliptagd run --role {role}")
     try:
-        return Daemon(config, config_path).run()
+        return Daemon(config, config_path, role).run()
     finally:
         lock.release()
 

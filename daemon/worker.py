@@ -35,6 +35,13 @@ log = logging.getLogger(__name__)
 Decoded = tuple[Job, str, Any]
 
 
+# A worker on a shared database waits this long for its parent to agree on the config.
+AGREE_WAIT = 30.0
+
+# The advisory lock a re-tag holds on a shared database (store/postgres.py's numbering).
+RETAG_LOCK = 0x636C_6970_0004
+
+
 class WorkerError(Exception):
     """The worker process could not start, or died."""
 
@@ -48,6 +55,7 @@ class Ready:
     model_id: str
     device: str
     batch_size: int
+    tagging: str = ""  # retag.tagging_config: what hosts sharing a database must run alike
 
 
 @dataclass(frozen=True)
@@ -292,7 +300,14 @@ class _ModelLoop:
         self.orphaned = False
         self.pending = 0
         self.pending_lock = threading.Lock()
-        messages.put(Ready(self.tagger.model_id, str(self.tagger.device), self.config.batch_size))
+        from .retag import tagging_config
+
+        self.tagging = tagging_config(self.tagger)
+        messages.put(
+            Ready(
+                self.tagger.model_id, str(self.tagger.device), self.config.batch_size, self.tagging
+            )
+        )
 
     def run(self) -> None:
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
@@ -346,11 +361,30 @@ class _ModelLoop:
         try:
             # Store.open migrates: the daemon may still be at it, the write lock orders the two.
             with Store.open(url, sidecars=self.sidecars) as store:
-                retag(store, self.tagger)
+                if store.host is None:
+                    retag(store, self.tagger)
+                elif self._agreed(store):
+                    # Once for every host: the others wait here, then find nothing to do.
+                    with store.exclusive(RETAG_LOCK):
+                        retag(store, self.tagger)
         except Exception as exc:  # the photos keep their old tags; new ones are tagged right
             log.exception("Re-tagging from stored embeddings failed")
             with contextlib.suppress(Exception), Store.open(url) as store:
                 store.record_retag(False, f"failed: {type(exc).__name__}: {exc}")
+
+    def _agreed(self, store: Any) -> bool:
+        """On a shared database, re-tag only with the config the database records: the
+        parent records this one as it starts if it may (Store.agree); a host whose config
+        differs re-tags nothing (its parent restarts it if that changes)."""
+        deadline = time.monotonic() + AGREE_WAIT
+        while not self.stop.is_set():
+            if store.recorded_tagging() == self.tagging:
+                return True
+            if time.monotonic() > deadline:
+                log.info("Not re-tagging: this host's config is not the one the database runs")
+                return False
+            time.sleep(0.5)
+        return False
 
     def _idle(self) -> bool:
         with self.pending_lock:

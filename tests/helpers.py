@@ -110,15 +110,16 @@ def cliptagd_in_process(*args: str | Path) -> Result:
 class Daemon:
     """`cliptagd run` in the background, with its log collected."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, *args: str) -> None:
         self.config = config
+        self.args = args  # more of `cliptagd run`'s options (--role tag)
         self.lines: list[str] = []
         self.process: subprocess.Popen[str] | None = None
         self._reader: threading.Thread | None = None
 
     def __enter__(self) -> Daemon:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "cliptagd", "run", "-c", str(self.config)],
+            [sys.executable, "-m", "cliptagd", "run", "-c", str(self.config), *self.args],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -16,7 +16,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +55,10 @@ class Server:
     def start(self) -> None:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", self.user, "--locale=C",
                   "-E", "UTF8")  # fmt: skip
+        self.start_again()
+
+    def start_again(self) -> None:
+        """Start the (stopped) server."""
         options = (
             f"-k {self.socket} -c listen_addresses='' -c fsync=off -c full_page_writes=off "
             "-c synchronous_commit=off -c max_connections=200"
@@ -65,14 +68,6 @@ class Server:
 
     def stop(self, mode: str = "fast") -> None:
         self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop", check=False)
-
-    def restart_after(self, seconds: float) -> None:
-        """Stop the server, wait `seconds`, start it again (hosts must ride it out)."""
-        self.stop()
-        time.sleep(seconds)
-        options = f"-k {self.socket} -c listen_addresses='' -c fsync=off -c max_connections=200"
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l",
-                  str(self.root / "server.log"), "-w", "start")  # fmt: skip
 
     def url(self, database: str) -> str:
         return f"postgresql+psycopg://{self.user}@/{database}?host={self.socket}"

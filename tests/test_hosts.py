@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
+import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import timedelta
+from pathlib import Path
+from typing import Any
 
 import pytest
 
 from cliptagd.jobs import FileStat, Job, Outcome, TagScore
 from cliptagd.models import Status
 from cliptagd.store import Store
+from tests import pg
+from tests.conftest import write_config
+from tests.helpers import ConfigFactory, Daemon, cliptagd, pg_rows, pictures, rows, wait_for
 
 
 def tagged(job: Job, label: str = "red") -> Outcome:
@@ -60,3 +70,205 @@ def test_a_stopping_host_releases_its_photos_at_once(hosts: tuple[Store, Store])
     assert b.claim(4) == []
     a.release([j.photo_id for j in held])
     assert len(b.claim(4)) == 4
+
+
+# -- several hosts, as separate processes -------------------------------------------------------
+
+# Where the database says the photos are; each host maps it to its own mount (paths.map).
+CANONICAL = "/volume1/photos"
+
+
+class Share:
+    """One photo share seen by several hosts at different paths: the watch host's folder,
+    and each tag host's copy of it made of hard links (the same files, another path), so a
+    tag host that opened the canonical or the watch host's path would fail."""
+
+    def __init__(self, root: Path, hosts: Sequence[str]) -> None:
+        self.root = root
+        self.staging = root / "staging"
+        self.mounts = {name: root / name / "photos" for name in ("nas", *hosts)}
+        for folder in [self.staging, *self.mounts.values()]:
+            folder.mkdir(parents=True)
+
+    def add(self, count: int, rng: random.Random, prefix: str = "p") -> dict[str, str]:
+        """`count` photos, on every host's mount (the watch host's last); {name: colour}."""
+        made = pictures(self.staging, count, rng, prefix)
+        for path in made:
+            for name, mount in self.mounts.items():
+                if name != "nas":
+                    os.link(path, mount / path.name)
+        for path in made:
+            os.link(path, self.mounts["nas"] / path.name)
+        return {path.name: colour for path, colour in made.items()}
+
+    def config(self, tiny_model: Path, host: str, url: str, **overrides: Any) -> Path:
+        folder = self.root / host / "state"
+        folder.mkdir(parents=True, exist_ok=True)
+        mount = self.mounts[host]
+        return write_config(
+            folder, tiny_model, mount,
+            database={"url": url, "lease_seconds": 5},
+            paths={"map": {CANONICAL: str(mount)}},
+            **overrides,
+        )  # fmt: skip
+
+
+def pg_tags(url: str) -> dict[str, list[str]]:
+    """{file name: labels} of every shown tag, checking each path is canonical."""
+    found: dict[str, list[str]] = {}
+    for path, label in pg_rows(url, "SELECT path, label FROM photo_tags ORDER BY path, label"):
+        assert str(path).startswith(CANONICAL + "/"), path
+        found.setdefault(os.path.basename(str(path)), []).append(str(label))
+    return found
+
+
+def written_by(daemon: Daemon) -> int:
+    found = re.findall(r"this host wrote (\d+) result", daemon.log)
+    assert found, daemon.log
+    return int(found[-1])
+
+
+def uses_torch(pid: int) -> bool:
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+@pytest.mark.slow
+def test_one_watch_and_two_tag_hosts_tag_every_photo_once_as_one_sqlite_host_does(
+    tmp_path: Path, tiny_model: Path, pg_url: str, rng: random.Random
+) -> None:
+    share = Share(tmp_path, ["gpu1", "gpu2"])
+    colours = share.add(2000, rng)
+    watch = Daemon(share.config(tiny_model, "nas", pg_url), "--role", "watch")
+    gpu1 = Daemon(share.config(tiny_model, "gpu1", pg_url), "--role", "tag")
+    gpu2 = Daemon(share.config(tiny_model, "gpu2", pg_url), "--role", "tag")
+    with watch, gpu1, gpu2:
+        assert watch.process is not None and not uses_torch(watch.process.pid)
+        wait_for(lambda: len(pg_tags(pg_url)) == 2000, 600, "2,000 photos tagged")
+        status = cliptagd("status", "-c", share.config(tiny_model, "gpu1", pg_url),
+                          "--format", "json")  # fmt: skip
+        hosts = json.loads(status.stdout)["hosts"]
+        assert sorted(h["role"] for h in hosts) == ["tag", "tag", "watch"]
+        # Each host speaks its own paths: gpu1's `tags` of its own copy of a photo.
+        mine = cliptagd("tags", "-c", share.config(tiny_model, "gpu1", pg_url),
+                        str(share.mounts["gpu1"] / "p000.png"))  # fmt: skip
+        assert str(share.mounts["gpu1"] / "p000.png") in mine.stdout
+        for daemon in (gpu1, gpu2, watch):
+            assert daemon.stop() == 0
+    # Each photo tagged once: the results both tag hosts wrote add up to the photos, and both
+    # took a share.
+    assert written_by(gpu1) + written_by(gpu2) == 2000
+    assert written_by(gpu1) > 100 and written_by(gpu2) > 100
+    assert not pg_rows(pg_url, "SELECT path FROM photos WHERE status != 'tagged'")
+    # The same tags as one host on SQLite.
+    single = tmp_path / "single"
+    single.mkdir()
+    config = write_config(single, tiny_model, share.staging)
+    cliptagd("scan", "-c", config)
+    expected = {
+        os.path.basename(str(path)): [str(label)]
+        for path, label in rows(single / "tags.db", "SELECT path, label FROM photo_tags")
+    }
+    assert pg_tags(pg_url) == expected
+    assert sum(expected[name] == [colour] for name, colour in colours.items()) >= 1900
+
+
+@pytest.mark.slow
+def test_a_killed_tag_host_leaves_its_photos_to_the_other(
+    tmp_path: Path, tiny_model: Path, pg_url: str, rng: random.Random
+) -> None:
+    share = Share(tmp_path, ["gpu1", "gpu2"])
+    with (
+        Daemon(share.config(tiny_model, "nas", pg_url), "--role", "watch") as watch,
+        Daemon(share.config(tiny_model, "gpu1", pg_url), "--role", "tag") as gpu1,
+        Daemon(share.config(tiny_model, "gpu2", pg_url), "--role", "tag") as gpu2,
+    ):
+        share.add(600, rng)
+        wait_for(lambda: len(pg_tags(pg_url)) >= 100, 300, "some photos tagged")
+        gpu1.signal(signal.SIGKILL)  # mid-batch: it holds leased photos
+        wait_for(lambda: len(pg_tags(pg_url)) == 600, 300, "the other host to finish")
+        assert gpu2.stop() == 0 and watch.stop() == 0
+    assert all(len(labels) == 1 for labels in pg_tags(pg_url).values())
+    assert not pg_rows(pg_url, "SELECT path FROM photos WHERE status != 'tagged'")
+
+
+@pytest.mark.slow
+def test_a_paused_tag_host_has_its_late_results_dropped(
+    tmp_path: Path, tiny_model: Path, pg_url: str, rng: random.Random
+) -> None:
+    share = Share(tmp_path, ["gpu1", "gpu2"])
+    with (
+        Daemon(share.config(tiny_model, "nas", pg_url), "--role", "watch") as watch,
+        Daemon(share.config(tiny_model, "gpu1", pg_url), "--role", "tag") as gpu1,
+    ):
+        share.add(400, rng)
+        wait_for(lambda: len(pg_tags(pg_url)) >= 40, 300, "some photos tagged")
+        gpu1.signal(signal.SIGSTOP)  # the parent: it cannot save nor renew its leases
+        held = pg_rows(pg_url, "SELECT id FROM photos WHERE claimed_by IS NOT NULL")
+        assert held, "the paused host held no photo"
+        with Daemon(share.config(tiny_model, "gpu2", pg_url), "--role", "tag") as gpu2:
+            wait_for(lambda: len(pg_tags(pg_url)) == 400, 300, "the other host to finish")
+            gpu1.signal(signal.SIGCONT)
+            wait_for(lambda: "no longer leased to this host" in gpu1.log
+                     or "claimed by another host" in gpu1.log, 60, "the late results")  # fmt: skip
+            assert gpu2.stop() == 0
+        assert gpu1.stop() == 0 and watch.stop() == 0
+    assert all(len(labels) == 1 for labels in pg_tags(pg_url).values())
+    assert written_by(gpu1) + written_by(gpu2) == 400
+
+
+@pytest.mark.slow
+def test_the_hosts_ride_out_a_database_restart(
+    tmp_path: Path, tiny_model: Path, pg_server: pg.Server, rng: random.Random
+) -> None:
+    url = pg_server.database()
+    share = Share(tmp_path, ["gpu1"])
+    with (
+        Daemon(share.config(tiny_model, "nas", url), "--role", "watch") as watch,
+        Daemon(share.config(tiny_model, "gpu1", url), "--role", "tag") as gpu1,
+    ):
+        share.add(300, rng, "a")
+        wait_for(lambda: len(pg_tags(url)) >= 50, 300, "some photos tagged")
+        pg_server.stop()
+        share.add(100, rng, "b")  # seen while the database is down
+        time.sleep(30)
+        assert watch.process is not None and watch.process.poll() is None, watch.log
+        assert gpu1.process is not None and gpu1.process.poll() is None, gpu1.log
+        pg_server.start_again()
+        wait_for(lambda: len(pg_tags(url)) == 400, 300, "every photo after the restart")
+        assert gpu1.stop() == 0 and watch.stop() == 0
+    assert "The PostgreSQL server cannot be used" in gpu1.log + watch.log
+    assert all(len(labels) == 1 for labels in pg_tags(url).values())
+
+
+@pytest.mark.slow
+def test_a_tag_host_with_another_config_claims_nothing_and_a_second_watcher_is_refused(
+    tmp_path: Path, tiny_model: Path, pg_url: str, rng: random.Random
+) -> None:
+    share = Share(tmp_path, ["gpu1", "gpu2"])
+    other = {"colour": {"templates": ["a photo of something {}."],
+                        "labels": ["red", "green", "blue", "yellow"]}}  # fmt: skip
+    with (
+        Daemon(share.config(tiny_model, "nas", pg_url), "--role", "watch") as watch,
+        Daemon(share.config(tiny_model, "gpu1", pg_url), "--role", "tag") as gpu1,
+    ):
+        odd_config = share.config(tiny_model, "gpu2", pg_url, label_sets=other)
+        with Daemon(odd_config, "--role", "tag") as gpu2:
+            wait_for(lambda: "Waiting: this host's config differs" in gpu2.log, 60, "gpu2 waits")
+            status = cliptagd("status", "-c", odd_config, "--format", "json")
+            waiting = [h for h in json.loads(status.stdout)["hosts"] if h["waiting"]]
+            assert len(waiting) == 1 and "label set(s) colour" in waiting[0]["waiting"]
+            share.add(100, rng)
+            wait_for(lambda: len(pg_tags(pg_url)) == 100, 300, "gpu1 to tag every photo")
+            assert gpu2.stop() == 0
+        assert written_by(gpu2) == 0 and gpu1.stop() == 0
+        second = cliptagd("run", "-c", share.config(tiny_model, "nas", pg_url), "--role",
+                          "watch", check=False)  # fmt: skip
+        assert second.returncode != 0
+        assert "already watches /volume1/photos" in second.stderr
+        assert watch.stop() == 0
+
+
+def test_roles_need_a_shared_database(make_config: ConfigFactory) -> None:
+    result = cliptagd("run", "-c", make_config(), "--role", "tag", check=False)
+    assert result.returncode != 0
+    assert "--role tag needs a database several hosts share" in result.stderr

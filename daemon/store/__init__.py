@@ -15,6 +15,7 @@ waits and tries again (schema.waits_for_locks).
 """
 
 from .reader import (
+    HostState,
     LabelCount,
     PhotoInfo,
     PhotoState,
@@ -40,6 +41,7 @@ __all__ = [
     "BUSY_TIMEOUT",
     "KEEP_DELETED",
     "RETRY_DELAY",
+    "HostState",
     "LabelCount",
     "PhotoInfo",
     "PhotoRow",

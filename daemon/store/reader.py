@@ -29,16 +29,18 @@ from ..models import (
     Action,
     Decision,
     Embedding,
+    Host,
     LabelSetDigest,
     LabelTotal,
     Photo,
     Retag,
+    Setting,
     Sidecar,
     SidecarOutbox,
     Status,
     Tag,
 )
-from ..paths import display, folder_prefix, from_db
+from ..paths import db_key, folder_prefix, from_db
 from .schema import BUSY_TIMEOUT, check_schema, open_engine, waits_for_locks
 from .sqlite import CHUNK
 
@@ -88,6 +90,17 @@ class RetagState:
 
 
 @dataclass(frozen=True, slots=True)
+class HostState:
+    """A host on a shared database (see Store.agree): its role, when last seen (UTC), and
+    why it claims nothing, if it does not."""
+
+    name: str
+    role: str
+    seen_at: datetime
+    waiting: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class PhotoState:
     path: str
     status: str
@@ -111,12 +124,12 @@ class PhotoInfo:
 
 def under_folder(folder: str) -> ColumnElement[bool]:
     """The SQL condition "the photo is under `folder`" (the folder-prefix match)."""
-    return Photo.path.startswith(folder_prefix(display(folder)), autoescape=True)
+    return Photo.path.startswith(folder_prefix(db_key(folder)), autoescape=True)
 
 
 def at_or_under(path: str) -> ColumnElement[bool]:
     """The SQL condition "the photo is `path`, or under the folder `path`"."""
-    return (Photo.path == display(path)) | under_folder(path)
+    return (Photo.path == db_key(path)) | under_folder(path)
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,6 +242,25 @@ class Reader:
     # -- photos and tags ------------------------------------------------------------------
 
     @waits_for_locks
+    @waits_for_locks
+    def recorded_tagging(self) -> str | None:
+        """The tagging config every tag host must run (see Store.agree), if recorded."""
+        with self.engine.connect() as conn:
+            value: str | None = conn.scalar(select(Setting.value).where(Setting.name == "tagging"))
+            return value
+
+    @waits_for_locks
+    def hosts(self) -> list[HostState]:
+        """The hosts working on a shared database, and when each was last seen."""
+        stmt = select(Host.name, Host.role, Host.seen_at, Host.waiting, Host.config)
+        with self.engine.connect() as conn:
+            if conn.dialect.name != "postgresql":
+                return []
+            return [
+                HostState(r.name, r.role, r.seen_at, r.waiting)
+                for r in conn.execute(stmt.order_by(Host.name))
+            ]
+
     def counts(self) -> dict[str, int]:
         """How many photos are in each status (every status present, zero or not)."""
         counts = {status.value: 0 for status in Status}
@@ -266,7 +298,7 @@ class Reader:
 
     def tags_for(self, paths: Sequence[str]) -> list[TagRow]:
         """The tags of the given photos, by path, then set, best score first."""
-        asked = Photo.path.in_([display(p) for p in paths])
+        asked = Photo.path.in_([db_key(p) for p in paths])
         with self.engine.connect() as conn:
             shown = shown_tags(conn)
             stmt = _tag_rows(shown).where(asked)
@@ -295,7 +327,7 @@ class Reader:
                 Decision.source,
             )
             .join(Photo, Photo.id == Decision.photo_id)
-            .where(Photo.path.in_([display(p) for p in paths]))
+            .where(Photo.path.in_([db_key(p) for p in paths]))
             .order_by(Photo.path, Decision.label_set, Decision.label)
         )
         with self.engine.connect() as conn:
@@ -307,7 +339,7 @@ class Reader:
     def photos(self, paths: Sequence[str]) -> dict[str, PhotoState]:
         """What the database knows of each of `paths` (absent when it knows nothing)."""
         stmt = select(Photo.path, Photo.raw_path, Photo.status, Photo.error).where(
-            Photo.path.in_([display(p) for p in paths])
+            Photo.path.in_([db_key(p) for p in paths])
         )
         with self.engine.connect() as conn:
             states = [_photo_state(row) for row in conn.execute(stmt)]
@@ -332,7 +364,7 @@ class Reader:
     def photo_ids(self, paths: Sequence[str]) -> dict[str, int]:
         """The ids of the given photos (as known, deleted ones left out), by path."""
         stmt = select(Photo.id, Photo.path, Photo.raw_path).where(
-            Photo.path.in_([display(p) for p in paths]), Photo.status != Status.DELETED
+            Photo.path.in_([db_key(p) for p in paths]), Photo.status != Status.DELETED
         )
         with self.engine.connect() as conn:
             return {from_db(r.path, r.raw_path): r.id for r in conn.execute(stmt)}
@@ -494,7 +526,7 @@ class Reader:
         stmt = (
             select(Embedding.model_id, Embedding.vector)
             .join(Photo, Photo.id == Embedding.photo_id)
-            .where(Photo.path == display(path))
+            .where(Photo.path == db_key(path))
         )
         with self.engine.connect() as conn:
             row = conn.execute(stmt).first()
@@ -505,7 +537,7 @@ class Reader:
         stmt = (
             select(Photo.path, Photo.raw_path, Embedding.vector)
             .join(Embedding, Embedding.photo_id == Photo.id)
-            .where(Photo.path.in_([display(p) for p in paths]), Embedding.model_id == model_id)
+            .where(Photo.path.in_([db_key(p) for p in paths]), Embedding.model_id == model_id)
         )
         with self.engine.connect() as conn:
             return {from_db(row.path, row.raw_path): row.vector for row in conn.execute(stmt)}

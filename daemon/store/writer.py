@@ -10,6 +10,8 @@ it needs to know of the disk, its callers tell it.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import socket
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, Self, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, text, update
 
 from ..jobs import FileStat, Job, TagScore
 from ..models import (
@@ -26,16 +28,18 @@ from ..models import (
     Action,
     Decision,
     Embedding,
+    Host,
     LabelSetDigest,
     LabelTotal,
     Photo,
     Retag,
+    Setting,
     Sidecar,
     SidecarOutbox,
     Status,
     Tag,
 )
-from ..paths import display, folder_prefix, from_db, to_db
+from ..paths import db_key, display, folder_prefix, from_db, to_db
 from . import dialect, postgres, sqlite
 from .reader import Reader, at_or_under, under_folder
 from .schema import BUSY_TIMEOUT, migrate, waits_for_locks
@@ -46,6 +50,10 @@ log = logging.getLogger(__name__)
 # How long a claim on a shared database holds before another host may take the photo; the
 # claiming host renews it while it works (database.lease_seconds).
 LEASE = timedelta(seconds=60)
+
+# A host not seen for this long is gone (it beats every HEARTBEAT).
+HEARTBEAT = timedelta(seconds=10)
+HOST_TIMEOUT = 3 * HEARTBEAT
 
 # A photo whose decoding failed in a way that may pass (still being written) waits this long
 # per attempt before it is tried again.
@@ -197,7 +205,7 @@ class Store(Reader):
         """
         queued = 0
         for chunk in _chunks(stats, CHUNK):
-            by_path = {display(stat.path): stat for stat in chunk}
+            by_path = {db_key(stat.path): stat for stat in chunk}
             now = _now()
             with self._writer.begin() as conn:
                 existing = {
@@ -461,8 +469,8 @@ class Store(Reader):
         now = _now()
         with self._writer.begin() as conn:
             held = Photo.id.in_(list(photo_ids)) & Photo.status.in_(_CLAIMABLE)
-            if self.host is not None:
-                held &= Photo.claimed_by == self.host
+            if self.host is not None:  # not those another host has claimed since
+                held &= or_(Photo.claimed_by.is_(None), Photo.claimed_by == self.host)
             conn.execute(
                 update(Photo)
                 .where(held)
@@ -487,6 +495,76 @@ class Store(Reader):
             where.append(or_(*map(under_folder, under)))
         with self._writer.begin() as conn:
             return conn.execute(update(Photo).where(*where).values(_queued(_now()))).rowcount
+
+    # -- hosts on a shared database ---------------------------------------------------------
+
+    @waits_for_locks
+    def agree(self, role: str, tagging: str) -> str | None:
+        """Whether this tag host may tag with `tagging` (JSON: its model and label-set
+        digests, see runner.tagging_config): None if the database records it, or records
+        nothing yet, or no other live host runs what it records (then it records this
+        one: the first host started with a new config makes it everyone's, and re-tags
+        once for all). Otherwise, what differs, and this host must not claim. The host's
+        row says which config it runs, for the others to see."""
+        if self.host is None:
+            return None
+        with self._writer.begin() as conn:
+            postgres.lock_for_transaction(conn, postgres.CONFIG_LOCK)
+            recorded = conn.scalar(select(Setting.value).where(Setting.name == "tagging"))
+            waiting = None
+            if recorded is not None and recorded != tagging:
+                live = conn.scalars(
+                    select(Host.name).where(
+                        Host.config == recorded,
+                        Host.name != self.host,
+                        Host.role.in_(["all", "tag"]),
+                        Host.seen_at > server_now() - HOST_TIMEOUT,
+                    )
+                ).all()
+                if live:
+                    waiting = _differences(recorded, tagging, live)
+            if recorded != tagging and waiting is None:
+                conn.execute(dialect.upsert(conn, Setting, "name", name="tagging", value=tagging))
+            self._beat(conn, role, tagging, waiting)
+            return waiting
+
+    @waits_for_locks
+    def heartbeat(self, role: str, tagging: str | None, waiting: str | None) -> None:
+        """Say this host is alive (every few seconds): what it runs, and why it waits."""
+        if self.host is None:
+            return
+        with self._writer.begin() as conn:
+            self._beat(conn, role, tagging, waiting)
+
+    def _beat(self, conn: Connection, role: str, tagging: str | None, waiting: str | None) -> None:
+        assert self.host is not None
+        values = {"role": role, "seen_at": server_now(), "config": tagging, "waiting": waiting}
+        if not conn.execute(update(Host).where(Host.name == self.host).values(values)).rowcount:
+            conn.execute(insert(Host).values(name=self.host, started_at=server_now(), **values))
+
+    @waits_for_locks
+    def leave(self) -> None:
+        """This host stops: its row goes (a host that dies simply stops being seen)."""
+        if self.host is None:
+            return
+        with self._writer.begin() as conn:
+            conn.execute(delete(Host).where(Host.name == self.host))
+
+    @contextlib.contextmanager
+    def exclusive(self, key: int) -> Iterator[None]:
+        """Hold the advisory lock `key` across hosts for the block (a re-tag: once for all);
+        on SQLite the daemon's lock already makes it so."""
+        if self.host is None:
+            yield
+            return
+        with self.engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": key})
+            conn.commit()
+            try:
+                yield
+            finally:
+                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                conn.commit()
 
     # -- files that moved or went away ----------------------------------------------------
 
@@ -745,7 +823,7 @@ class Store(Reader):
     def photos_starting(self, prefix: str) -> list[PhotoRow]:
         """The shown photos whose path starts with `prefix` (a folder and a file stem)."""
         stmt = select(Photo.id, Photo.path, Photo.raw_path, Photo.status, Photo.model_id).where(
-            Photo.path.startswith(display(prefix), autoescape=True), Photo.status.in_(VISIBLE)
+            Photo.path.startswith(db_key(prefix), autoescape=True), Photo.status.in_(VISIBLE)
         )
         with self.engine.connect() as conn:
             return [
@@ -757,7 +835,7 @@ class Store(Reader):
     def sidecar(self, path: str) -> SidecarRecord | None:
         """What cliptagd last wrote at the sidecar `path`, if anything."""
         with self.engine.connect() as conn:
-            row = conn.execute(_SIDECARS.where(Sidecar.path == display(path))).first()
+            row = conn.execute(_SIDECARS.where(Sidecar.path == db_key(path))).first()
         return _record(row) if row else None
 
     @waits_for_locks
@@ -778,7 +856,7 @@ class Store(Reader):
     def sidecars_at(self, paths: Sequence[str]) -> dict[str, SidecarRecord]:
         """What cliptagd last wrote at each of these sidecar paths, by path."""
         with self.engine.connect() as conn:
-            rows = conn.execute(_SIDECARS.where(Sidecar.path.in_([display(p) for p in paths])))
+            rows = conn.execute(_SIDECARS.where(Sidecar.path.in_([db_key(p) for p in paths])))
             return {record.path: record for record in map(_record, rows)}
 
     @waits_for_locks
@@ -791,7 +869,7 @@ class Store(Reader):
         with self._writer.begin() as conn:
             moved = [save.moved_from for save in saves if save.moved_from is not None]
             if moved:
-                conn.execute(delete(Sidecar).where(Sidecar.path.in_(map(display, moved))))
+                conn.execute(delete(Sidecar).where(Sidecar.path.in_(map(db_key, moved))))
             texts = [to_db(save.path) for save in saves]
             before = dict(
                 conn.execute(
@@ -820,7 +898,7 @@ class Store(Reader):
     @waits_for_locks
     def forget_sidecar(self, path: str) -> None:
         with self._writer.begin() as conn:
-            conn.execute(delete(Sidecar).where(Sidecar.path == display(path)))
+            conn.execute(delete(Sidecar).where(Sidecar.path == db_key(path)))
 
 
 _SIDECARS = select(
@@ -836,8 +914,8 @@ _SIDECARS = select(
 
 
 def _path_at_or_under(column: Any, root: str) -> Any:
-    prefix = folder_prefix(display(root))
-    return (column == display(root)) | column.startswith(prefix, autoescape=True)
+    prefix = folder_prefix(db_key(root))
+    return (column == db_key(root)) | column.startswith(prefix, autoescape=True)
 
 
 def _record(row: Any) -> SidecarRecord:
@@ -849,6 +927,23 @@ def _record(row: Any) -> SidecarRecord:
         bool(row.created),
         row.owned,
         row.problem,
+    )
+
+
+def _differences(recorded: str, mine: str, hosts: Sequence[str]) -> str:
+    """What differs between the database's tagging config and this host's, in words."""
+    theirs, ours = json.loads(recorded), json.loads(mine)
+    parts = []
+    if theirs["model"] != ours["model"]:
+        parts.append(f"model {ours['model']} (the others: {theirs['model']})")
+    sets = sorted(set(theirs["sets"]) | set(ours["sets"]))
+    changed = [name for name in sets if theirs["sets"].get(name) != ours["sets"].get(name)]
+    if changed:
+        parts.append("label set(s) " + ", ".join(changed))
+    return (
+        f"this host's config differs from the one {', '.join(sorted(hosts))} tag(s) with: "
+        f"{'; '.join(parts) or 'settings'}. It claims no photo until it runs the same "
+        "config, or until no host runs the other"
     )
 
 

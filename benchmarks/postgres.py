@@ -32,6 +32,7 @@ import os
 import platform
 import queue
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -153,6 +154,9 @@ WAITS = (
 )
 
 
+DEADLOCKS = "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()"
+
+
 def waiting(waits: Counter[str]) -> str:
     total = sum(waits.values()) or 1
     return ", ".join(f"{kind} {100 * n / total:.0f}%" for kind, n in waits.most_common(4))
@@ -194,7 +198,9 @@ def tag_process(url: str, number: int, start: Any, done: Any) -> None:
     store.close()
 
 
-def claims(url: str, photos: int, report: Callable[[str, dict[str, Any]], None]) -> None:
+def claims(
+    url: str, photos: int, limit: float, report: Callable[[str, dict[str, Any]], None]
+) -> None:
     store = Store.open(url)
     check_empty(store)
     spawn = multiprocessing.get_context("spawn")
@@ -207,9 +213,10 @@ def claims(url: str, photos: int, report: Callable[[str, dict[str, Any]], None])
             began = time.perf_counter()
             assert store.enqueue(stats) == photos
             enqueue_s = time.perf_counter() - began
+            (deadlocks_before,) = execute(store, DEADLOCKS)[0]
             start, done = spawn.Event(), spawn.Queue()
             workers = [
-                spawn.Process(target=tag_process, args=(url, n, start, done))
+                spawn.Process(target=tag_process, args=(url, n, start, done), daemon=True)
                 for n in range(processes)
             ]
             for worker in workers:
@@ -220,52 +227,72 @@ def claims(url: str, photos: int, report: Callable[[str, dict[str, Any]], None])
             start.set()
             finished: list[tuple[int, int, int, float, float]] = []
             waits: Counter[str] = Counter()
-            while len(finished) < len(workers):
+            while len(finished) < len(workers) and time.perf_counter() - began < limit:
                 with suppress(queue.Empty):
                     finished.append(done.get(timeout=0.05))
                 for kind, count in execute(store, WAITS):
                     waits[kind] += count
             seconds = time.perf_counter() - began
+            complete = len(finished) == len(workers)
             for worker in workers:
+                if not complete:
+                    worker.terminate()
                 worker.join()
-            claimed = sum(row[1] for row in finished)
-            written = sum(row[2] for row in finished)
-            # Where a process spends its time: claiming or saving (summed over processes).
-            claim_s, save_s = sum(row[3] for row in finished), sum(row[4] for row in finished)
+            (deadlocks_after,) = execute(store, DEADLOCKS)[0]
+            deadlocks = deadlocks_after - deadlocks_before
             tagged, tags, leased = execute(
                 store,
                 "SELECT (SELECT count(*) FROM photos WHERE status = 'tagged'),"
                 " (SELECT count(*) FROM tags),"
                 " (SELECT count(*) FROM photos WHERE claimed_by IS NOT NULL)",
             )[0]
+            figures: dict[str, Any] = {
+                "photos": photos,
+                "seconds": seconds,
+                "finished": complete,
+                "tagged": tagged,
+                "photos_per_s": tagged / seconds,
+                "enqueue_per_s": photos / enqueue_s,
+                "deadlocks": deadlocks,
+                "server_backends_seen": dict(waits),
+            }
+            line = (
+                f"claims with {processes} tag process(es): {tagged / seconds:,.0f} photos/s "
+                f"({tagged:,} of {photos:,} in {seconds:.1f} s); {deadlocks} deadlocks; "
+                f"the server's backends, sampled: {waiting(waits)}; "
+                f"enqueue {photos / enqueue_s:,.0f} photos/s"
+            )
+            if not complete:
+                report(f"claims_{processes}_processes", figures)
+                print(line, flush=True)
+                raise SystemExit(
+                    f"The {processes} tag processes did not finish within {limit:.0f} s "
+                    "(--claims-limit); stopped."
+                )
+            claimed = sum(row[1] for row in finished)
+            written = sum(row[2] for row in finished)
+            # Where a process spends its time: claiming or saving (summed over processes).
+            batches = claimed / BATCH
+            claim_s, save_s = sum(row[3] for row in finished), sum(row[4] for row in finished)
             exact = claimed == written == tagged == photos and tags == 5 * photos and not leased
             report(
                 f"claims_{processes}_processes",
-                {
-                    "photos": photos,
-                    "seconds": seconds,
-                    "photos_per_s": photos / seconds,
+                figures
+                | {
                     "per_process": sorted(row[1] for row in finished),
-                    "enqueue_per_s": photos / enqueue_s,
-                    "ms_per_claim_of_32": 1000 * claim_s / (claimed / BATCH),
-                    "ms_per_save_of_32": 1000 * save_s / (claimed / BATCH),
+                    "ms_per_claim_of_32": 1000 * claim_s / batches,
+                    "ms_per_save_of_32": 1000 * save_s / batches,
                     "claimed": claimed,
                     "written": written,
-                    "tagged": tagged,
                     "exactly_once": exact,
-                    "server_backends_seen": dict(waits),
                 },
             )
             print(
-                f"claims with {processes} tag process(es): {photos / seconds:,.0f} photos/s "
-                f"({photos:,} in {seconds:.1f} s; per process {sorted(r[1] for r in finished)}); "
-                f"a batch of {BATCH}: claim {1000 * claim_s / (claimed / BATCH):.1f} ms, "
-                f"save {1000 * save_s / (claimed / BATCH):.1f} ms; "
-                f"enqueue {photos / enqueue_s:,.0f} photos/s; "
-                f"{'each saved exactly once' if exact else 'NOT EXACTLY ONCE'} "
-                f"(claimed {claimed}, written {written}, tagged {tagged}, tags {tags}, "
-                f"still leased {leased}); the server's backends, sampled: "
-                f"{waiting(waits)}",
+                f"{line}; per process {sorted(row[1] for row in finished)}; a batch of "
+                f"{BATCH}: claim {1000 * claim_s / batches:.1f} ms, save "
+                f"{1000 * save_s / batches:.1f} ms; "
+                f"{'each saved exactly once' if exact else 'NOT EXACTLY ONCE'} (claimed "
+                f"{claimed}, written {written}, tags {tags}, still leased {leased})",
                 flush=True,
             )
             if not exact:
@@ -386,6 +413,9 @@ def main() -> int:
     )
     parser.add_argument("--photos", type=int, default=1_000_000, help="for the queries")
     parser.add_argument("--claims", type=int, default=20_000, help="photos queued for claims")
+    parser.add_argument(
+        "--claims-limit", type=float, default=600, help="seconds each claims run may take"
+    )
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--only", nargs="*", choices=["claims", "queries"])
     parser.add_argument("--url", help="an empty PostgreSQL database (default: a private server)")
@@ -407,6 +437,8 @@ def main() -> int:
         results[key] = figures
         out.write_text(json.dumps(results, indent=2))
 
+    # SIGTERM (a timeout, Ctrl-C's cousin) unwinds like SystemExit: the private server stops.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with database(args.url) as url:
         store = Store.open(url)
         (version,) = execute(store, "SHOW server_version")[0]
@@ -414,7 +446,7 @@ def main() -> int:
         results["postgresql"] = version
         print(f"PostgreSQL {version}", flush=True)
         if "claims" in parts:
-            claims(url, args.claims, report)
+            claims(url, args.claims, args.claims_limit, report)
         if "queries" in parts:
             results["photos"] = args.photos
             queries(url, args.photos, args.reps, report)

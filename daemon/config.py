@@ -107,6 +107,9 @@ class DatabaseConfig(_Frozen):
     # before another host may take it; renewed every third of it while the host works, so
     # only a host that died or paused loses its photos.
     lease_seconds: Annotated[float, Field(ge=5, le=86400)] = 60.0
+    # This host's name on a shared database (status, which host could not open a file);
+    # the machine's host name when not given.
+    host_name: Annotated[str, Field(min_length=1, pattern=r"^[^:\s]+$")] | None = None
 
 
 class PathsConfig(_Frozen):

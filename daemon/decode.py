@@ -21,11 +21,14 @@ NO_HEIF = "HEIC/HEIF needs pillow-heif, which is not installed: pip install 'cli
 
 
 class UnreadableImage(Exception):
-    """The file is not a picture we can read; `retry` when it may still be arriving."""
+    """The file is not a picture we can read; `retry` when it may still be arriving;
+    `unopened` when this host could not open it at all (gone, no permission): on a shared
+    database another host, with its own mount, may."""
 
-    def __init__(self, reason: str, *, retry: bool = False) -> None:
+    def __init__(self, reason: str, *, retry: bool = False, unopened: bool = False) -> None:
         super().__init__(reason)
         self.retry = retry
+        self.unopened = unopened
 
 
 def register_heif() -> bool:
@@ -65,9 +68,11 @@ def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Im
     except UnreadableImage:
         raise
     except FileNotFoundError:
-        raise UnreadableImage("the file was deleted before it could be read") from None
+        raise UnreadableImage(
+            "the file was deleted before it could be read", unopened=True
+        ) from None
     except PermissionError:
-        raise UnreadableImage("permission denied") from None
+        raise UnreadableImage("permission denied", unopened=True) from None
     except IsADirectoryError:
         raise UnreadableImage("is a directory") from None
     except UnidentifiedImageError:

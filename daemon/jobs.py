@@ -82,6 +82,8 @@ class Outcome:
     fingerprint: str | None = None
     # The L2-normalised image embedding, float16 bytes (1 KB for a 512-wide model).
     embedding: bytes | None = None
+    # This host could not open the file (see decode.UnreadableImage.unopened).
+    unopened: bool = False
 
     @property
     def ok(self) -> bool:

@@ -86,6 +86,9 @@ class Photo(Base):
     # when (the database's clock, UTC); another host may claim it once that has passed.
     claimed_by: Mapped[str | None] = mapped_column(Text, default=None)
     lease_until: Mapped[datetime | None] = mapped_column(DateTime, default=None)
+    # The host that could not open the file (its mount, its permissions): another host
+    # tries it before it is failed.
+    unopened_on: Mapped[str | None] = mapped_column(Text, default=None)
 
     __table_args__ = (Index("ix_photos_status", "status"), Index("ix_photos_size", "size"))
 

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -350,7 +351,9 @@ class Runner:
 
 def _open_store(config: Config) -> Store:
     lease = timedelta(seconds=config.database.lease_seconds)
-    return Store.open(config.database.url, sidecars=config.xmp.write, lease=lease)
+    name = config.database.host_name
+    host = f"{name}:{os.getpid()}" if name else None
+    return Store.open(config.database.url, sidecars=config.xmp.write, lease=lease, host=host)
 
 
 class WatchRunner(Runner):

@@ -397,7 +397,7 @@ class _ModelLoop:
             # is later moved where no event says so.
             item: Outcome | Decoded = (job, fingerprint(job.path), self.tagger.preprocess(image))
         except UnreadableImage as exc:
-            item = Outcome(job, error=str(exc), retry=exc.retry)
+            item = Outcome(job, error=str(exc), retry=exc.retry, unopened=exc.unopened)
         except Exception as exc:  # a decoder bug must cost one photo, not the worker
             log.exception("Unexpected error decoding %s", job.path)
             item = Outcome(job, error=f"cannot decode ({type(exc).__name__}: {exc})")

@@ -90,12 +90,15 @@ class Share:
         for folder in [self.staging, *self.mounts.values()]:
             folder.mkdir(parents=True)
 
-    def add(self, count: int, rng: random.Random, prefix: str = "p") -> dict[str, str]:
-        """`count` photos, on every host's mount (the watch host's last); {name: colour}."""
+    def add(
+        self, count: int, rng: random.Random, prefix: str = "p", missing_on: Sequence[str] = ()
+    ) -> dict[str, str]:
+        """`count` photos, on every host's mount (the watch host's last) but those of
+        `missing_on` (a host whose mount does not show them); {name: colour}."""
         made = pictures(self.staging, count, rng, prefix)
         for path in made:
             for name, mount in self.mounts.items():
-                if name != "nas":
+                if name != "nas" and name not in missing_on:
                     os.link(path, mount / path.name)
         for path in made:
             os.link(path, self.mounts["nas"] / path.name)
@@ -107,7 +110,7 @@ class Share:
         mount = self.mounts[host]
         return write_config(
             folder, tiny_model, mount,
-            database={"url": url, "lease_seconds": 5},
+            database={"url": url, "lease_seconds": 5, "host_name": host},
             paths={"map": {CANONICAL: str(mount)}},
             **overrides,
         )  # fmt: skip
@@ -266,6 +269,30 @@ def test_a_tag_host_with_another_config_claims_nothing_and_a_second_watcher_is_r
         assert second.returncode != 0
         assert "already watches /volume1/photos" in second.stderr
         assert watch.stop() == 0
+
+
+@pytest.mark.slow
+def test_a_photo_one_host_cannot_open_is_tried_by_another_before_it_fails(
+    tmp_path: Path, tiny_model: Path, pg_url: str, rng: random.Random
+) -> None:
+    share = Share(tmp_path, ["gpu1", "gpu2"])
+    with (
+        Daemon(share.config(tiny_model, "nas", pg_url), "--role", "watch") as watch,
+        Daemon(share.config(tiny_model, "gpu1", pg_url), "--role", "tag") as gpu1,
+        Daemon(share.config(tiny_model, "gpu2", pg_url), "--role", "tag") as gpu2,
+    ):
+        share.add(10, rng, "one", missing_on=["gpu1"])
+        share.add(2, rng, "none", missing_on=["gpu1", "gpu2"])
+        done = "SELECT count(*) FROM photos WHERE status IN ('tagged', 'failed')"
+        wait_for(lambda: pg_rows(pg_url, done)[0][0] == 12, 120, "every photo to end")
+        for daemon in (gpu1, gpu2, watch):
+            assert daemon.stop() == 0
+    assert sorted(pg_tags(pg_url)) == [f"one{i:03}.png" for i in range(10)]
+    failed = pg_rows(pg_url, "SELECT path, error FROM photos WHERE status = 'failed'")
+    assert len(failed) == 2
+    for _path, error in failed:
+        assert "the file was deleted before it could be read" in str(error)
+        assert re.search(r"\(on gpu[12] and gpu[12]\)$", str(error)), error
 
 
 def test_roles_need_a_shared_database(make_config: ConfigFactory) -> None:

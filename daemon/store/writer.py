@@ -51,6 +51,10 @@ log = logging.getLogger(__name__)
 # claiming host renews it while it works (database.lease_seconds).
 LEASE = timedelta(seconds=60)
 
+# A photo one host could not open waits this long for that host to try again: another host
+# (with its own mount) tries it first.
+RETRY_ELSEWHERE = timedelta(seconds=60)
+
 # A host not seen for this long is gone (it beats every HEARTBEAT).
 HEARTBEAT = timedelta(seconds=10)
 HOST_TIMEOUT = 3 * HEARTBEAT
@@ -85,6 +89,8 @@ class Result(Protocol):
     def fingerprint(self) -> str | None: ...
     @property
     def embedding(self) -> bytes | None: ...
+    @property
+    def unopened(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,6 +161,8 @@ class Store(Reader):
         # On a shared database, photos are claimed under a lease in this host's name; on
         # SQLite one daemon holds the database's lock, and claims need no lease.
         self.host = (host or default_host()) if pg else None
+        # The machine's part of it: which host could not open a file.
+        self.machine = self.host.rsplit(":", 1)[0] if self.host else socket.gethostname()
         self.lease = lease
 
     @classmethod
@@ -309,7 +317,7 @@ class Store(Reader):
                 break
             query = _JOBS.where(Photo.status == status).limit(limit - len(jobs))
             if due:
-                query = query.where((Photo.retry_at.is_(None)) | (Photo.retry_at <= _now()))
+                query = query.where(self._due())
             if exclude:
                 query = query.where(Photo.id.not_in(list(exclude)))
             jobs += self._take(query)
@@ -320,6 +328,14 @@ class Store(Reader):
         """Up to `limit` of the given photos that are still pending."""
         claimable = Photo.id.in_(list(photo_ids)) & Photo.status.in_(_CLAIMABLE)
         return self._take(_JOBS.where(claimable).limit(limit))
+
+    def _due(self) -> Any:
+        """Pending photos that may be tried now: not waiting for a retry; on a shared
+        database, also those another host could not open (this host may)."""
+        due = (Photo.retry_at.is_(None)) | (Photo.retry_at <= _now())
+        if self.host is not None:
+            due |= Photo.unopened_on.is_not(None) & (Photo.unopened_on != self.machine)
+        return due
 
     def _take(self, query: Any) -> list[Job]:
         if self.host is None:
@@ -405,11 +421,17 @@ class Store(Reader):
                     values = {
                         "status": Status.TAGGED,
                         "error": None,
+                        "unopened_on": None,
                         "model_id": model_id,
                         "tagged_at": now,
                         "retry_at": None,
                         "fingerprint": result.fingerprint,
                     }
+                elif self.host is not None and result.unopened:
+                    found = conn.execute(select(Photo.unopened_on).where(current)).first()
+                    if found is None:
+                        continue
+                    values = self._unopened(result, found.unopened_on, now, failed_with)
                 else:
                     attempts = conn.scalar(select(Photo.attempts).where(current))
                     if attempts is None:
@@ -424,7 +446,7 @@ class Store(Reader):
                         "retry_at": now + RETRY_DELAY * attempts if again else None,
                         "failed_with": None if again else failed_with,
                     }
-                values |= {"claimed_by": None, "lease_until": None}
+                values = {"claimed_by": None, "lease_until": None} | values
                 if conn.execute(update(Photo).where(current).values(values)).rowcount != 1:
                     if self.host is not None:
                         log.info("Dropped the result for %s: no longer leased to this host",
@@ -450,6 +472,27 @@ class Store(Reader):
                 _insert_tags(conn, [job.photo_id], [result.tags])
             self._queue_sidecars(conn, tagged)
         return Saved(written, frozenset(failed))
+
+    def _unopened(
+        self, result: Result, before: str | None, now: datetime, failed_with: str | None
+    ) -> dict[str, Any]:
+        """This host could not open the file: another host tries it first (this one only
+        after RETRY_ELSEWHERE); failed once a second try fails, saying where."""
+        where = self.machine if before in (None, self.machine) else f"{self.machine} and {before}"
+        if before is None:
+            return {
+                "status": Status.PENDING,
+                "error": f"{result.error} (on {where})",
+                "unopened_on": self.machine,
+                "retry_at": now + RETRY_ELSEWHERE,
+            }
+        return {
+            "status": Status.FAILED,
+            "error": f"{result.error} (on {where})",
+            "tagged_at": now,
+            "retry_at": None,
+            "failed_with": failed_with,
+        }
 
     @waits_for_locks
     def record_crash(
@@ -975,6 +1018,7 @@ def _queued(now: datetime) -> dict[str, Any]:
         "failed_with": None,
         "claimed_by": None,
         "lease_until": None,
+        "unopened_on": None,
     }
 
 

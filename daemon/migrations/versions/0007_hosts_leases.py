@@ -18,6 +18,7 @@ def upgrade() -> None:
     # Plain ADD COLUMN (no table rebuild), so the triggers on photos stay as they are.
     op.add_column("photos", sa.Column("claimed_by", sa.Text(), nullable=True))
     op.add_column("photos", sa.Column("lease_until", sa.DateTime(), nullable=True))
+    op.add_column("photos", sa.Column("unopened_on", sa.Text(), nullable=True))
     op.create_table(
         "hosts",
         sa.Column("name", sa.Text(), primary_key=True),
@@ -39,5 +40,6 @@ def downgrade() -> None:
     op.drop_table("settings")
     op.drop_table("hosts")
     with op.batch_alter_table("photos") as batch:
+        batch.drop_column("unopened_on")
         batch.drop_column("lease_until")
         batch.drop_column("claimed_by")

@@ -69,10 +69,8 @@ class Server:
     `postgres` user (the server refuses root), like tests/pg.py's."""
 
     def __init__(self) -> None:
-        found = (
-            shutil.which("pg_ctl")
-            or (sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl")) or [None])[-1]
-        )
+        installed = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))  # Debian's layout
+        found = shutil.which("pg_ctl") or (installed[-1] if installed else None)
         if found is None:
             raise SystemExit("PostgreSQL's server programs (pg_ctl, initdb) are not installed.")
         self.bindir = Path(os.path.realpath(found)).parent

@@ -194,6 +194,10 @@ class Runner:
         """Write sidecars (in a thread of their own) if `config` says so; stop if not."""
         assert self.store is not None
         self.store.sidecars = config.xmp.write
+        if self.role == "tag":
+            # A tag host queues the sidecars of what it tags; the watch host, which sees the
+            # photo folders writable, writes them.
+            return
         if self.sidecars is not None and not config.xmp.write:
             self.sidecars.stop()
             self.sidecars = None

@@ -7,6 +7,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
@@ -295,7 +296,47 @@ def test_a_photo_one_host_cannot_open_is_tried_by_another_before_it_fails(
         assert re.search(r"\(on gpu[12] and gpu[12]\)$", str(error)), error
 
 
+@pytest.mark.slow
+def test_the_watch_host_writes_the_sidecars_of_what_tag_hosts_tag(
+    tmp_path: Path, tiny_model: Path, pg_url: str, rng: random.Random
+) -> None:
+    share = Share(tmp_path, ["gpu1"])
+    xmp = {"write": True}
+    with (
+        Daemon(share.config(tiny_model, "nas", pg_url, xmp=xmp), "--role", "watch") as watch,
+        Daemon(share.config(tiny_model, "gpu1", pg_url, xmp=xmp), "--role", "tag") as gpu1,
+    ):
+        colours = share.add(12, rng)
+        nas = share.mounts["nas"]
+        wait_for(lambda: len(list(nas.glob("*.xmp"))) == 12, 120, "12 sidecars")
+        assert gpu1.stop() == 0 and watch.stop() == 0
+    for name, colour in pg_tags(pg_url).items():
+        assert f"<rdf:li>{colour[0]}</rdf:li>" in (nas / f"{name}.xmp").read_text()
+    assert len(colours) == 12
+    assert not list(share.mounts["gpu1"].glob("*.xmp"))  # the tag host wrote none
+
+
 def test_roles_need_a_shared_database(make_config: ConfigFactory) -> None:
     result = cliptagd("run", "-c", make_config(), "--role", "tag", check=False)
     assert result.returncode != 0
     assert "--role tag needs a database several hosts share" in result.stderr
+
+
+def test_hosts_starting_at_once_on_an_empty_database_migrate_it_once(pg_url: str) -> None:
+    """Migrations take an advisory lock: the first host migrates, the others wait, then
+    find the schema current (no 'relation already exists')."""
+    errors: list[BaseException] = []
+
+    def start() -> None:
+        try:
+            Store.open(pg_url).close()
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert pg_rows(pg_url, "SELECT version_num FROM alembic_version") == [("0007",)]

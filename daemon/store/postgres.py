@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql.dml import Insert
@@ -24,6 +24,10 @@ _TRANSIENT = ("08", "40", "57P", "55P03", "53300")
 MIGRATIONS_LOCK = 0x636C_6970_0001
 CONFIG_LOCK = 0x636C_6970_0002
 SEQ_LOCK = 0x636C_6970_0003
+WRITE_LOCK = 0x636C_6970_0005
+
+# The execution option of the writers' engine (see `writing`).
+_WRITE = "cliptagd_write"
 # A watched folder's session-level lock: this plus a hash of its canonical path.
 FOLDER_LOCK_SPACE = 0x636C
 
@@ -31,12 +35,14 @@ FOLDER_LOCK_SPACE = 0x636C
 def connect(url: str, *, readonly: bool, connect_timeout: float) -> Engine:
     """An engine for the PostgreSQL database at `url` (postgresql+psycopg://...).
 
-    `readonly`: every transaction is read-only (default_transaction_read_only), as SQLite's
-    mode=ro is. Connections are checked before use (pool_pre_ping), so one broken by a
-    server restart is replaced rather than failing the next query.
+    `readonly`: every transaction is read-only (BEGIN READ ONLY), as SQLite's mode=ro is.
+    Connections are checked before use (pool_pre_ping), so one broken by a server restart
+    is replaced rather than failing the next query. Nothing needs a session of its own
+    but a watch host's folder locks (lock.py): statements are not prepared on the server
+    and no startup option is sent, so a pooler in transaction mode (PgBouncer) can sit in
+    between.
     """
-    options = "-c default_transaction_read_only=on" if readonly else ""
-    return create_engine(
+    engine = create_engine(
         url,
         pool_pre_ping=True,
         pool_size=4,
@@ -44,14 +50,25 @@ def connect(url: str, *, readonly: bool, connect_timeout: float) -> Engine:
         connect_args={
             "connect_timeout": max(1, int(connect_timeout)),
             "application_name": "cliptagd",
-            **({"options": options} if options else {}),
+            "prepare_threshold": None,
         },
     )
+    return engine.execution_options(postgresql_readonly=True) if readonly else engine
 
 
 def writing(engine: Engine) -> Engine:
-    """Write transactions need nothing special: row locks order them."""
-    return engine
+    """`engine` for the transactions that change photos and tags: one at a time across
+    every host (a transaction-level advisory lock, taken as each begins), as SQLite's write
+    lock orders them. The label counts and the embeddings' sequence are shared rows every
+    such writer touches; in turn, they cannot deadlock. Claims, lease renewals and
+    heartbeats do not take it (see Store._lease): they touch only their own rows."""
+    writer = engine.execution_options(**{_WRITE: True})
+
+    @event.listens_for(writer, "begin")
+    def _take_write_lock(conn: Connection) -> None:
+        conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({WRITE_LOCK})")
+
+    return writer
 
 
 def is_transient(exc: DBAPIError) -> bool:
@@ -64,6 +81,13 @@ def is_transient(exc: DBAPIError) -> bool:
         # No SQLSTATE: the client could not reach the server at all.
         return type(exc.orig).__name__ in ("OperationalError", "InterfaceError")
     return code.startswith(_TRANSIENT)
+
+
+def is_conflict(exc: DBAPIError) -> bool:
+    """A deadlock or serialisation failure the server broke: try again at once (after a
+    random pause, so that the two writers do not meet again)."""
+    code = getattr(exc.orig, "sqlstate", None) or ""
+    return code.startswith("40")
 
 
 def upsert(table: type[Any], key: str | tuple[str, ...], **values: Any) -> Insert:

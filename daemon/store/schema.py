@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import random
 import sqlite3
 import time
 from collections.abc import Callable
@@ -53,6 +54,10 @@ def waits_for_locks(method: Callable[P, R]) -> Callable[P, R]:
             except DBAPIError as exc:
                 if not dialect.is_transient(exc):
                     raise
+                if postgres.is_conflict(exc):
+                    log.debug("A deadlock with another writer was broken; trying again")
+                    time.sleep(random.uniform(0.01, 0.2))
+                    continue
                 now = time.monotonic()
                 if last_log is None or now - last_log >= LOCKED_LOG_EVERY:
                     log.warning(

@@ -20,7 +20,18 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, Self, TypeVar
 
-from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    Connection,
+    Engine,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    update,
+)
 
 from ..jobs import FileStat, Job, TagScore
 from ..models import (
@@ -351,7 +362,7 @@ class Store(Reader):
         free = or_(
             Photo.lease_until.is_(None), Photo.lease_until < now, Photo.claimed_by == self.host
         )
-        with self._writer.begin() as conn:
+        with self.engine.begin() as conn:
             rows = conn.execute(query.where(free).with_for_update(skip_locked=True)).all()
             if rows:
                 conn.execute(
@@ -367,7 +378,7 @@ class Store(Reader):
         photo another host has claimed since, after this one's lease ran out, is lost)."""
         if self.host is None or not photo_ids:
             return len(photo_ids)
-        with self._writer.begin() as conn:
+        with self.engine.begin() as conn:
             return conn.execute(
                 update(Photo)
                 .where(Photo.id.in_(list(photo_ids)), Photo.claimed_by == self.host)
@@ -379,7 +390,7 @@ class Store(Reader):
         """Give up this host's lease on these photos (it stops): others may claim them now."""
         if self.host is None or not photo_ids:
             return
-        with self._writer.begin() as conn:
+        with self.engine.begin() as conn:
             conn.execute(
                 update(Photo)
                 .where(Photo.id.in_(list(photo_ids)), Photo.claimed_by == self.host)
@@ -401,77 +412,94 @@ class Store(Reader):
         dropped: the row is pending again with the new size and mtime and will be redone.
         `failed_with` records what a failure happened under (see `retry_failed`).
         """
-        written, failed, tagged = 0, set(), []
-        now, now_db = _now(), server_now()
+        failed, tagged = set(), []
+        now = _now()
+        ids = [result.job.photo_id for result in results]
+        current = select(
+            Photo.id, Photo.size, Photo.mtime, Photo.attempts, Photo.unopened_on
+        ).where(Photo.id.in_(ids), Photo.status.in_(_CLAIMABLE))
+        if self.host is not None:
+            # Only under this host's own lease: a host whose lease ran out (a long pause,
+            # say) has its late results dropped; another host redoes them.
+            current = current.where(Photo.claimed_by == self.host, Photo.lease_until > server_now())
         with self._writer.begin() as conn:
+            rows = {row.id: row for row in conn.execute(current.with_for_update())}
+            # One statement per kind of change, not per photo: the batch is written in a
+            # few round trips, which is what a shared database's writers queue on.
+            changes: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+            saved: list[Result] = []
             for result in results:
-                job = result.job
-                current = (
-                    (Photo.id == job.photo_id)
-                    & (Photo.size == job.size)
-                    & (Photo.mtime == job.mtime)
-                    & (Photo.status.in_(_CLAIMABLE))
-                )
-                if self.host is not None:
-                    # Only under this host's own lease: a host whose lease ran out (a long
-                    # pause, say) has its late result dropped; another host redoes it.
-                    current &= (Photo.claimed_by == self.host) & (Photo.lease_until > now_db)
-                values: dict[str, Any]
-                if result.error is None:
-                    values = {
-                        "status": Status.TAGGED,
-                        "error": None,
-                        "unopened_on": None,
-                        "model_id": model_id,
-                        "tagged_at": now,
-                        "retry_at": None,
-                        "fingerprint": result.fingerprint,
-                    }
-                elif self.host is not None and result.unopened:
-                    found = conn.execute(select(Photo.unopened_on).where(current)).first()
-                    if found is None:
-                        continue
-                    values = self._unopened(result, found.unopened_on, now, failed_with)
-                else:
-                    attempts = conn.scalar(select(Photo.attempts).where(current))
-                    if attempts is None:
-                        continue
-                    attempts += 1
-                    again = result.retry and attempts < max_attempts
-                    values = {
-                        "status": Status.PENDING if again else Status.FAILED,
-                        "error": result.error,
-                        "attempts": attempts,
-                        "tagged_at": now,
-                        "retry_at": now + RETRY_DELAY * attempts if again else None,
-                        "failed_with": None if again else failed_with,
-                    }
-                values = {"claimed_by": None, "lease_until": None} | values
-                if conn.execute(update(Photo).where(current).values(values)).rowcount != 1:
-                    if self.host is not None:
+                job, row = result.job, rows.get(result.job.photo_id)
+                if row is None or (row.size, row.mtime) != (job.size, job.mtime):
+                    if row is None and self.host is not None:
                         log.info("Dropped the result for %s: no longer leased to this host",
                                  display(job.path))  # fmt: skip
                     continue
-                written += 1
+                values = self._result_values(result, row, now, model_id, max_attempts,
+                                             failed_with)  # fmt: skip
+                values = {"claimed_by": None, "lease_until": None} | values
+                changes.setdefault(tuple(sorted(values)), []).append(values | {"pid": job.photo_id})
+                saved.append(result)
                 if values["status"] == Status.FAILED:
                     failed.add(job.photo_id)
                 elif values["status"] == Status.TAGGED:
                     tagged.append(job.photo_id)
-                if result.embedding is not None:
-                    conn.execute(
-                        dialect.upsert(
-                            conn,
-                            Embedding,
-                            "photo_id",
-                            photo_id=job.photo_id,
-                            model_id=model_id,
-                            vector=result.embedding,
-                        )
-                    )
-                conn.execute(delete(Tag).where(Tag.photo_id == job.photo_id))
-                _insert_tags(conn, [job.photo_id], [result.tags])
+            for rows_of_a_kind in changes.values():
+                conn.execute(update(Photo).where(Photo.id == bindparam("pid")), rows_of_a_kind)
+            self._write_outputs(conn, saved, model_id)
             self._queue_sidecars(conn, tagged)
-        return Saved(written, frozenset(failed))
+        return Saved(len(saved), frozenset(failed))
+
+    def _result_values(
+        self,
+        result: Result,
+        row: Any,
+        now: datetime,
+        model_id: str,
+        max_attempts: int,
+        failed_with: str | None,
+    ) -> dict[str, Any]:
+        """The photo's new columns for `result` (its `row` as it is)."""
+        if result.error is None:
+            return {
+                "status": Status.TAGGED,
+                "error": None,
+                "unopened_on": None,
+                "model_id": model_id,
+                "tagged_at": now,
+                "retry_at": None,
+                "fingerprint": result.fingerprint,
+            }
+        if self.host is not None and result.unopened:
+            return self._unopened(result, row.unopened_on, now, failed_with)
+        attempts = row.attempts + 1
+        again = result.retry and attempts < max_attempts
+        return {
+            "status": Status.PENDING if again else Status.FAILED,
+            "error": result.error,
+            "attempts": attempts,
+            "tagged_at": now,
+            "retry_at": now + RETRY_DELAY * attempts if again else None,
+            "failed_with": None if again else failed_with,
+        }
+
+    def _write_outputs(self, conn: Connection, saved: Sequence[Result], model_id: str) -> None:
+        """The tags and embeddings of the results written: the photos' old tags replaced.
+        Rows go in a fixed order (by label, by photo), so that writers on a shared database
+        touch the label counts in the same order and never deadlock."""
+        ids = [result.job.photo_id for result in saved]
+        for start in range(0, len(ids), CHUNK):
+            conn.execute(delete(Tag).where(Tag.photo_id.in_(ids[start : start + CHUNK])))
+        embeddings: list[dict[str, Any]] = [
+            {"photo_id": r.job.photo_id, "model_id": model_id, "vector": r.embedding}
+            for r in sorted(saved, key=lambda r: r.job.photo_id)
+            if r.embedding is not None
+        ]
+        for start in range(0, len(embeddings), CHUNK):
+            conn.execute(
+                dialect.upsert_rows(conn, Embedding, "photo_id", embeddings[start : start + CHUNK])
+            )
+        _insert_tags(conn, ids, [result.tags for result in saved])
 
     def _unopened(
         self, result: Result, before: str | None, now: datetime, failed_with: str | None
@@ -551,7 +579,7 @@ class Store(Reader):
         row says which config it runs, for the others to see."""
         if self.host is None:
             return None
-        with self._writer.begin() as conn:
+        with self.engine.begin() as conn:
             postgres.lock_for_transaction(conn, postgres.CONFIG_LOCK)
             recorded = conn.scalar(select(Setting.value).where(Setting.name == "tagging"))
             waiting = None
@@ -576,7 +604,7 @@ class Store(Reader):
         """Say this host is alive (every few seconds): what it runs, and why it waits."""
         if self.host is None:
             return
-        with self._writer.begin() as conn:
+        with self.engine.begin() as conn:
             self._beat(conn, role, tagging, waiting)
 
     def _beat(self, conn: Connection, role: str, tagging: str | None, waiting: str | None) -> None:
@@ -590,7 +618,7 @@ class Store(Reader):
         """This host stops: its row goes (a host that dies simply stops being seen)."""
         if self.host is None:
             return
-        with self._writer.begin() as conn:
+        with self.engine.begin() as conn:
             conn.execute(delete(Host).where(Host.name == self.host))
 
     @contextlib.contextmanager
@@ -1029,12 +1057,16 @@ def _job(row: Any) -> Job:
 def _insert_tags(
     conn: Connection, photo_ids: Sequence[int], tags: Sequence[Sequence[TagScore]]
 ) -> None:
-    """Insert the tags `tags[i]` of each photo `photo_ids[i]`."""
-    rows = [
-        {"photo_id": photo_id, "label_set": t.label_set, "label": t.label, "score": t.score}
-        for photo_id, scores in zip(photo_ids, tags, strict=True)
-        for t in scores
-    ]
+    """Insert the tags `tags[i]` of each photo `photo_ids[i]`, label by label (the order
+    the label counts are touched in, the same for every writer: see _write_outputs)."""
+    rows = sorted(
+        (
+            {"photo_id": photo_id, "label_set": t.label_set, "label": t.label, "score": t.score}
+            for photo_id, scores in zip(photo_ids, tags, strict=True)
+            for t in scores
+        ),
+        key=lambda row: (row["label_set"], row["label"], row["photo_id"]),
+    )
     if rows:
         conn.execute(insert(Tag), rows)
 

@@ -68,21 +68,24 @@ TRIGGERS = [
 # The same on PostgreSQL: PL/pgSQL functions, one per table. A photo's cascade-deleted
 # tags find no photo row (it is gone), as on SQLite, so they are not counted twice.
 PG_TRIGGERS = [
-    f"""CREATE FUNCTION label_counts_tags() RETURNS trigger LANGUAGE plpgsql AS $$
+    # Tags come and go a batch at a time: one statement-level trigger per statement, the
+    # batch's counts added up (in label order), instead of one upsert per tag.
+    f"""CREATE FUNCTION label_counts_tags_added() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
-        IF TG_OP = 'INSERT' THEN
-            IF (SELECT status FROM photos WHERE id = NEW.photo_id) IN {SHOWN} THEN
-                INSERT INTO label_counts (label_set, label, count)
-                VALUES (NEW.label_set, NEW.label, 1)
-                ON CONFLICT (label_set, label) DO UPDATE SET count = label_counts.count + 1;
-            END IF;
-            RETURN NEW;
-        END IF;
-        IF (SELECT status FROM photos WHERE id = OLD.photo_id) IN {SHOWN} THEN
-            UPDATE label_counts SET count = count - 1
-            WHERE label_set = OLD.label_set AND label = OLD.label;
-        END IF;
-        RETURN OLD;
+        INSERT INTO label_counts (label_set, label, count)
+        SELECT t.label_set, t.label, count(*) FROM added t JOIN photos p ON p.id = t.photo_id
+        WHERE p.status IN {SHOWN} GROUP BY t.label_set, t.label ORDER BY t.label_set, t.label
+        ON CONFLICT (label_set, label) DO UPDATE SET count = label_counts.count + EXCLUDED.count;
+        RETURN NULL;
+    END $$""",
+    f"""CREATE FUNCTION label_counts_tags_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        UPDATE label_counts c SET count = c.count - d.n
+        FROM (SELECT t.label_set, t.label, count(*) AS n FROM removed t
+              JOIN photos p ON p.id = t.photo_id WHERE p.status IN {SHOWN}
+              GROUP BY t.label_set, t.label) AS d
+        WHERE c.label_set = d.label_set AND c.label = d.label;
+        RETURN NULL;
     END $$""",
     f"""CREATE FUNCTION label_counts_photos() RETURNS trigger LANGUAGE plpgsql AS $$
     BEGIN
@@ -103,10 +106,10 @@ PG_TRIGGERS = [
         END IF;
         RETURN NEW;
     END $$""",
-    "CREATE TRIGGER label_counts_tag_added AFTER INSERT ON tags "
-    "FOR EACH ROW EXECUTE FUNCTION label_counts_tags()",
-    "CREATE TRIGGER label_counts_tag_removed AFTER DELETE ON tags "
-    "FOR EACH ROW EXECUTE FUNCTION label_counts_tags()",
+    "CREATE TRIGGER label_counts_tag_added AFTER INSERT ON tags REFERENCING NEW TABLE AS "
+    "added FOR EACH STATEMENT EXECUTE FUNCTION label_counts_tags_added()",
+    "CREATE TRIGGER label_counts_tag_removed AFTER DELETE ON tags REFERENCING OLD TABLE AS "
+    "removed FOR EACH STATEMENT EXECUTE FUNCTION label_counts_tags_removed()",
     "CREATE TRIGGER label_counts_photo_status AFTER UPDATE OF status ON photos "
     "FOR EACH ROW EXECUTE FUNCTION label_counts_photos()",
     "CREATE TRIGGER label_counts_photo_deleted BEFORE DELETE ON photos "
@@ -132,7 +135,8 @@ PG_DROP = [
     "DROP TRIGGER label_counts_tag_removed ON tags",
     "DROP TRIGGER label_counts_photo_status ON photos",
     "DROP TRIGGER label_counts_photo_deleted ON photos",
-    "DROP FUNCTION label_counts_tags",
+    "DROP FUNCTION label_counts_tags_added",
+    "DROP FUNCTION label_counts_tags_removed",
     "DROP FUNCTION label_counts_photos",
 ]
 

@@ -42,6 +42,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -405,6 +406,69 @@ def queries(
         store.close()
 
 
+# -- the search index ---------------------------------------------------------------------------
+
+
+def fill_embeddings(store: Store, photos: int, first: int, seed: int) -> None:
+    """`photos` photos with random unit embeddings (float16), ids from `first`, through
+    cliptagd's own save path for the last batch's sake: in chunks of one transaction."""
+    rng = np.random.default_rng(seed)
+    chunk = 5000
+    for start in range(first, first + photos, chunk):
+        n = min(chunk, first + photos - start)
+        stats = [FileStat(f"/search/{i:07}.jpg", 1, 1.0) for i in range(start, start + n)]
+        store.enqueue(stats)
+        jobs = store.claim(n)
+        vectors = rng.standard_normal((n, WIDTH), dtype=np.float32)
+        vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+        outcomes = [
+            Outcome(job, (), None, False, "f", vectors[k].astype(np.float16).tobytes())
+            for k, job in enumerate(jobs)
+        ]
+        store.save_results(outcomes, MODEL_ID, 3)
+
+
+def search(url: str, photos: int, reps: int, report: Callable[[str, Any], None]) -> None:
+    """The search index each host keeps (search.py): its first build from the database, a
+    search once built, and the refresh after 1,000 new photos; PostgreSQL against SQLite,
+    the same embeddings."""
+    from cliptagd.search import nearest
+
+    folder = Path(tempfile.mkdtemp(prefix="cliptagd-search-"))
+    try:
+        for name, db in (("postgresql", url), ("sqlite", f"sqlite:///{folder / 'tags.db'}")):
+            store = Store.open(db, host="bench") if name == "postgresql" else Store.open(db)
+            try:
+                started = time.perf_counter()
+                fill_embeddings(store, photos, 0, seed=7)
+                filled = time.perf_counter() - started
+                query = np.ones(WIDTH, dtype=np.float16).tobytes()
+                index = folder / f"index-{name}"
+                started = time.perf_counter()
+                nearest(store, MODEL_ID, query, 50, index_dir=index)
+                build = time.perf_counter() - started
+                warm = timed(reps, partial(nearest, store, MODEL_ID, query, 50, index_dir=index))
+                fill_embeddings(store, 1000, photos, seed=8)
+                started = time.perf_counter()
+                nearest(store, MODEL_ID, query, 50, index_dir=index)
+                refresh = time.perf_counter() - started
+                figures = {"photos": photos, "fill_s": filled, "first_build_s": build,
+                           "search_s": warm, "refresh_after_1000_s": refresh}  # fmt: skip
+                report(f"search_{name}", figures)
+                print(
+                    f"search index from {name}: {photos:,} embeddings saved in {filled:.1f} s; "
+                    f"first build {build:.2f} s, a search {warm * 1000:.0f} ms, refresh after "
+                    f"1,000 new {refresh * 1000:.0f} ms",
+                    flush=True,
+                )
+                if name == "postgresql":
+                    empty(store)
+            finally:
+                store.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -415,10 +479,11 @@ def main() -> int:
         "--claims-limit", type=float, default=600, help="seconds each claims run may take"
     )
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--only", nargs="*", choices=["claims", "queries"])
+    parser.add_argument("--only", nargs="*", choices=["claims", "queries", "search"])
+    parser.add_argument("--search", type=int, default=100_000, help="embeddings for search")
     parser.add_argument("--url", help="an empty PostgreSQL database (default: a private server)")
     args = parser.parse_args()
-    parts = set(args.only or ["claims", "queries"])
+    parts = set(args.only or ["claims", "queries", "search"])
     results: dict[str, Any] = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {
@@ -448,6 +513,8 @@ def main() -> int:
         if "queries" in parts:
             results["photos"] = args.photos
             queries(url, args.photos, args.reps, report)
+        if "search" in parts:
+            search(url, args.search, args.reps, report)
     print(f"Written to {out}")
     return 0
 

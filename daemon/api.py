@@ -529,7 +529,21 @@ def retag(
     configured = tagger.label_set_configs
     _check_sets(configured, sets)
     only = list(configured) if every else (list(sets) or None)
-    return _retag(store, tagger, only, on_chunk=on_chunk)
+    if store.host is None:
+        return _retag(store, tagger, only, on_chunk=on_chunk)
+    # A shared database: only with the config its tag hosts run, and once at a time.
+    from .retag import tagging_config
+    from .worker import RETAG_LOCK
+
+    recorded = store.recorded_tagging()
+    if recorded is not None and recorded != tagging_config(tagger):
+        raise StoreError(
+            "The tag hosts of this database run another model or other label sets than this "
+            "config: change the config on every tag host and restart them (the first one "
+            "started with it re-tags, once for all), or run retag with their config."
+        )
+    with store.exclusive(RETAG_LOCK):
+        return _retag(store, tagger, only, on_chunk=on_chunk)
 
 
 # -- judging a label set -----------------------------------------------------------------------

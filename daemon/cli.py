@@ -472,7 +472,10 @@ def retag(config_path: Path | None, sets: tuple[str, ...], every: bool, no_progr
     with store:
         tagger = _load_tagger(config)
         with tqdm(desc="Re-tagging", unit="photo", disable=no_progress or None) as bar:
-            report = api.retag(store, tagger, sets, every=every, on_chunk=bar.update)
+            try:
+                report = api.retag(store, tagger, sets, every=every, on_chunk=bar.update)
+            except StoreError as exc:
+                raise _store_failure(exc) from None
         api.flush_sidecars(store, config)
     click.echo(report.summary)
 

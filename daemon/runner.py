@@ -308,6 +308,9 @@ class Runner:
             self.runtime.model_loaded(time.monotonic() - worker.launched_at)
         self._hand_over()
         self.worker, self.config, self.deaths = worker, self.next_config, 0
+        # On a shared database, the reloaded config must be everyone's (see _agree).
+        self.tagging = ready.tagging
+        self._check_agreement()
         # The new worker re-tagged changed label sets from the stored embeddings as it
         # started; a new model makes the photos of the old one stale.
         self.pipeline.use_worker(
@@ -315,8 +318,13 @@ class Runner:
             model_id=ready.model_id,
             batch_size=self.config.worker.batch_size,
             max_attempts=self.config.worker.max_attempts,
-            failed_with=self._catch_up(self.config, ready),
+            failed_with=(
+                self._catch_up(self.config, ready)
+                if self.waiting is None
+                else failure_context(self.config, ready.model_id)
+            ),
         )
+        self.pipeline.paused = self.waiting is not None
         log.info("Now tagging with the reloaded config")
 
     def _hand_over(self) -> None:

@@ -141,11 +141,11 @@ def test_one_watch_and_two_tag_hosts_tag_every_photo_once_as_one_sqlite_host_doe
     tmp_path: Path, tiny_model: Path, pg_url: str, rng: random.Random
 ) -> None:
     share = Share(tmp_path, ["gpu1", "gpu2"])
-    colours = share.add(2000, rng)
     watch = Daemon(share.config(tiny_model, "nas", pg_url), "--role", "watch")
     gpu1 = Daemon(share.config(tiny_model, "gpu1", pg_url), "--role", "tag")
     gpu2 = Daemon(share.config(tiny_model, "gpu2", pg_url), "--role", "tag")
     with watch, gpu1, gpu2:
+        colours = share.add(2000, rng)  # once every host is up, so that all take a share
         assert watch.process is not None and not uses_torch(watch.process.pid)
         wait_for(lambda: len(pg_tags(pg_url)) == 2000, 600, "2,000 photos tagged")
         status = cliptagd("status", "-c", share.config(tiny_model, "gpu1", pg_url),
@@ -161,7 +161,7 @@ def test_one_watch_and_two_tag_hosts_tag_every_photo_once_as_one_sqlite_host_doe
     # Each photo tagged once: the results both tag hosts wrote add up to the photos, and both
     # took a share.
     assert written_by(gpu1) + written_by(gpu2) == 2000
-    assert written_by(gpu1) > 100 and written_by(gpu2) > 100
+    assert written_by(gpu1) > 100 and written_by(gpu2) > 100, gpu2.log[-3000:]
     assert not pg_rows(pg_url, "SELECT path FROM photos WHERE status != 'tagged'")
     # The same tags as one host on SQLite.
     single = tmp_path / "single"
@@ -261,6 +261,8 @@ def test_a_tag_host_with_another_config_claims_nothing_and_a_second_watcher_is_r
             status = cliptagd("status", "-c", odd_config, "--format", "json")
             waiting = [h for h in json.loads(status.stdout)["hosts"] if h["waiting"]]
             assert len(waiting) == 1 and "label set(s) colour" in waiting[0]["waiting"]
+            retag = cliptagd("retag", "-c", odd_config, "--no-progress", check=False)
+            assert retag.returncode != 0 and "run another model or other label sets" in retag.stderr
             share.add(100, rng)
             wait_for(lambda: len(pg_tags(pg_url)) == 100, 300, "gpu1 to tag every photo")
             assert gpu2.stop() == 0

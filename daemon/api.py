@@ -137,6 +137,8 @@ class StatusReport:
     sidecar_problems: list[SidecarState] = dataclasses.field(default_factory=list)
     # On a shared database: the hosts at work, and why any of them waits.
     hosts: list[HostState] = dataclasses.field(default_factory=list)
+    # What the last full scan of the watched folders skipped as not photos, by extension.
+    unsupported: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -279,6 +281,7 @@ def status(store: Reader, failures: int = 20) -> StatusReport:
         store.sidecar_counts() | {"problems": problems},
         latest,
         store.hosts(),
+        store.unsupported(),
     )
 
 

@@ -626,6 +626,9 @@ def status(config_path: Path | None, fmt: str) -> None:
         if key == Status.STALE and not report.counts[key]:
             continue  # only while a new model re-encodes
         click.echo(f"{key:>8}: {report.counts[key]}")
+    if report.unsupported:
+        skipped = ", ".join(f"{ext} {n}" for ext, n in report.unsupported.items())
+        click.echo(f"\nNot photos, skipped (the last scan, by extension): {skipped}")
     if report.hosts:
         click.echo("\nHosts:")
         for host in report.hosts:

@@ -35,8 +35,11 @@ DEFAULT_LOCATIONS = (
 # Names accepted in `templates:` instead of a list: open_clip's own ImageNet template lists.
 TEMPLATE_LISTS = ("openai", "simple")
 
+# Multi-page TIFFs are tagged by their first page, animated GIFs and WebPs by their first
+# frame (what a viewer shows as the photo); JPEG XL needs the jxl extra, HEIC the heif one.
 DEFAULT_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
+    ".avif", ".jxl",
 )  # fmt: skip
 
 # Folders that NAS systems and file managers keep beside photos; never worth tagging.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -18,6 +19,11 @@ BACKGROUND = (255, 255, 255)
 # iPhone photos: Pillow reads them only with pillow-heif, an extra.
 HEIF_SUFFIXES = (".heic", ".heif")
 NO_HEIF = "HEIC/HEIF needs pillow-heif, which is not installed: pip install 'cliptagd[heif]'"
+# JPEG XL: Pillow reads it only with pillow-jxl-plugin (an extra), which registers on import.
+JXL_SUFFIXES = (".jxl",)
+NO_JXL = "JPEG XL needs pillow-jxl-plugin, which is not installed: pip install 'cliptagd[jxl]'"
+# What each plug-in format needs, by suffix: what to say when it is missing.
+PLUGIN_HINTS = {**dict.fromkeys(HEIF_SUFFIXES, NO_HEIF), **dict.fromkeys(JXL_SUFFIXES, NO_JXL)}
 
 
 class UnreadableImage(Exception):
@@ -41,9 +47,31 @@ def register_heif() -> bool:
     return True
 
 
-def _heif_unreadable(path: str | os.PathLike[str]) -> bool:
+def register_jxl() -> bool:
+    """Teach Pillow JPEG XL when pillow-jxl-plugin is installed."""
+    try:
+        import pillow_jxl  # noqa: F401 - importing it registers the format
+    except ImportError:
+        return False
+    return True
+
+
+def register_plugins(extensions: Sequence[str] = ()) -> list[str]:
+    """Teach Pillow every plug-in format installed; for those of `extensions` that are
+    missing, what to install (one line each)."""
+    missing = []
+    if not register_heif() and set(HEIF_SUFFIXES) & set(extensions):
+        missing.append(NO_HEIF)
+    if not register_jxl() and set(JXL_SUFFIXES) & set(extensions):
+        missing.append(NO_JXL)
+    return missing
+
+
+def _plugin_missing(path: str | os.PathLike[str]) -> str | None:
     suffix = os.path.splitext(path)[1].lower()
-    return suffix in HEIF_SUFFIXES and suffix not in Image.registered_extensions()
+    if suffix in PLUGIN_HINTS and suffix not in Image.registered_extensions():
+        return PLUGIN_HINTS[suffix]
+    return None
 
 
 def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Image.Image:
@@ -79,8 +107,9 @@ def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Im
         if os.path.getsize(path) == 0:
             # Often a file just created and not written yet.
             raise UnreadableImage("the file is empty", retry=True) from None
-        if _heif_unreadable(path):
-            raise UnreadableImage(NO_HEIF) from None
+        hint = _plugin_missing(path)
+        if hint is not None:
+            raise UnreadableImage(hint) from None
         raise UnreadableImage("not a picture Pillow can read") from None
     except Image.DecompressionBombError as exc:
         # Pillow refuses pictures over twice its own limit as it opens them, before the check

@@ -337,9 +337,9 @@ def _encode(
         return {}, []
     import torch
 
-    from .decode import UnreadableImage, open_rgb, register_heif
+    from .decode import UnreadableImage, open_rgb, register_plugins
 
-    register_heif()
+    register_plugins()
 
     def load(path: str) -> Any:
         try:

@@ -55,6 +55,7 @@ def status_record(report: StatusReport) -> dict[str, Any]:
     body["sidecar_problem_paths"] = [
         with_raw_path({"path": p.path, "problem": p.problem}) for p in report.sidecar_problems
     ]
+    body["unsupported"] = report.unsupported
     body["hosts"] = [
         {"name": h.name, "role": h.role, "seen_at": f"{h.seen_at.isoformat()}Z",
          "waiting": h.waiting}

@@ -66,6 +66,7 @@ def failure_context(config: Config, model_id: str) -> str:
         "stall_seconds": config.worker.stall_seconds,
         "pillow": pillow,
         "heif": importlib.util.find_spec("pillow_heif") is not None,
+        "jxl": importlib.util.find_spec("pillow_jxl") is not None,
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 

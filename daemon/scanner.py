@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from .jobs import FileStat
 
 log = logging.getLogger(__name__)
+
+# Sidecars beside photos (cliptagd's own, and the ones other tools write): not counted as
+# skipped files.
+SIDECAR_SUFFIXES = (".xmp",)
 
 # Names that browsers, editors and copy tools give files still being written.
 TEMPORARY_SUFFIXES = (".part", ".partial", ".crdownload", ".download", ".tmp", ".temp", "~")
@@ -33,6 +38,18 @@ class PathFilter:
             and not lower.endswith(TEMPORARY_SUFFIXES)
             and os.path.splitext(lower)[1] in self.extensions
         )
+
+    def unsupported(self, name: str) -> str | None:
+        """The extension of a file that is not a photo to tag, but could be someone's file
+        (a video, a RAW, a document): counted, so that nothing is skipped unseen. Hidden
+        and temporary files, and sidecars, are not counted."""
+        lower = name.lower()
+        if name.startswith(".") or lower.endswith(TEMPORARY_SUFFIXES):
+            return None
+        suffix = os.path.splitext(lower)[1]
+        if suffix in self.extensions or suffix in SIDECAR_SUFFIXES:
+            return None
+        return suffix or "(none)"
 
     def wanted(self, path: str) -> bool:
         """A file path: a photo, not hidden, not temporary, not in an excluded folder."""
@@ -59,8 +76,11 @@ class PathFilter:
         return None
 
 
-def walk(top: str | os.PathLike[str], path_filter: PathFilter) -> Iterator[FileStat]:
-    """Every wanted photo under `top` (a folder or a single file), with its size and mtime.
+def walk(
+    top: str | os.PathLike[str], path_filter: PathFilter, skipped: Counter[str] | None = None
+) -> Iterator[FileStat]:
+    """Every wanted photo under `top` (a folder or a single file), with its size and mtime;
+    into `skipped`, the other files by extension (see PathFilter.unsupported).
 
     Symlinked folders are not followed, so a link loop cannot trap the scan; unreadable
     folders are logged and skipped.
@@ -83,6 +103,8 @@ def walk(top: str | os.PathLike[str], path_filter: PathFilter) -> Iterator[FileS
         for name in sorted(files):
             if path_filter.wanted_name(name):
                 yield from _stat(os.path.join(folder, name))
+            elif skipped is not None and (suffix := path_filter.unsupported(name)) is not None:
+                skipped[suffix] += 1
 
 
 def _stat(path: str) -> Iterator[FileStat]:

@@ -11,6 +11,7 @@ import os
 import signal
 import threading
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -84,9 +85,9 @@ def _scan_in_background(
     """Walk `roots` in a thread, offering every photo; with `prune`, forget deleted ones."""
 
     def scan() -> None:
-        started, seen = time.monotonic(), 0
+        started, seen, skipped = time.monotonic(), 0, Counter[str]()
         for root in roots:
-            for stat in walk(root, path_filter):
+            for stat in walk(root, path_filter, skipped):
                 if stop.is_set():
                     return
                 pipeline.offer(stat)
@@ -97,6 +98,8 @@ def _scan_in_background(
                     return
                 if not os.path.exists(path):
                     pipeline.forget(path)
+            # What the watched folders hold besides photos, for `status`.
+            prune.record_unsupported(dict(skipped))
         log.info("Scanned %d photo(s) in %.1f s", seen, time.monotonic() - started)
 
     thread = threading.Thread(target=scan, name="scan", daemon=True)

@@ -30,7 +30,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file, save_file
 
 from .config import HF_HUB, LOCAL_DIR, LabelSetConfig, Mode, ModelConfig, WorkerConfig
-from .decode import UnreadableImage, open_rgb, register_heif
+from .decode import UnreadableImage, open_rgb, register_plugins
 from .examples import (
     COUNTER_WEIGHT,
     Decided,
@@ -588,7 +588,7 @@ class ClipTagger:
             log.info("Label set %s: %d example photo(s) from the cache", name, len(examples))
         else:
             started = time.perf_counter()
-            register_heif()  # as the worker does: HEIC examples from a phone
+            register_plugins()  # as the worker does: HEIC examples from a phone
             for first in range(0, len(missing), EXAMPLES_PER_PASS):
                 chunk = missing[first : first + EXAMPLES_PER_PASS]
                 pixels = torch.stack([self._example_pixels(name, examples[i]) for i in chunk])

@@ -264,7 +264,7 @@ class _ModelLoop:
     def __init__(self, config: Config, jobs: Any, messages: Any, stop: Any) -> None:
         import torch
 
-        from .decode import HEIF_SUFFIXES, NO_HEIF, register_heif
+        from .decode import register_plugins
         from .tagger import ClipTagger
 
         self.config = config.worker
@@ -277,8 +277,8 @@ class _ModelLoop:
             if self.config.decode_threads != "auto"
             else max(1, cores - 1)
         )
-        if not register_heif() and set(HEIF_SUFFIXES) & set(config.watch.extensions):
-            log.warning("HEIC/HEIF photos will fail to tag. %s", NO_HEIF)
+        for missing in register_plugins(config.watch.extensions):
+            log.warning("Some photos will fail to tag. %s", missing)
         from PIL import Image
 
         # Pillow's own decompression-bomb guard, at the same limit as ours (it refuses at twice

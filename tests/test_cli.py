@@ -317,6 +317,7 @@ def test_status_in_both_formats(every_status_db: Path) -> None:
         "last_retag": None,
         "sidecars": {"written": 0, "waiting": 0, "restored": 0}, "sidecar_problems": 0,
         "sidecar_problem_paths": [],
+        "unsupported": {},
         "hosts": [],
     }  # fmt: skip
 

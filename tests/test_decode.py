@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, features
 
 from cliptagd.config import load_config
-from cliptagd.decode import UnreadableImage, open_rgb, register_heif
+from cliptagd.decode import UnreadableImage, open_rgb, register_heif, register_plugins
 from cliptagd.jobs import Job, Outcome
 from cliptagd.worker import Worker
 from tests import tinyclip
@@ -373,7 +373,7 @@ def test_permission_denied(tmp_path: Path) -> None:
 WITHOUT_HEIF = """
 import sys
 sys.modules["pillow_heif"] = None  # as if installed without the extra: the import fails
-from cliptagd.decode import UnreadableImage, open_rgb, register_heif
+from cliptagd.decode import UnreadableImage, open_rgb, register_heif, register_plugins
 assert not register_heif()
 try:
     open_rgb(sys.argv[1], 224, 10**9)
@@ -445,3 +445,59 @@ def test_the_worker_logs_its_batches_and_pillows_warnings(
     assert "worker.max_pixels" in str(outcomes[str(big)].error)
     bomb = [line for line in err.splitlines() if "DecompressionBombWarning" in line]
     assert bomb and all("WARNING py.warnings[worker]:" in line for line in bomb), err
+
+
+# -- modern and many-frame formats ------------------------------------------------------------
+
+
+def test_avif(tmp_path: Path) -> None:
+    path = tmp_path / "phone.avif"
+    Image.new("RGB", (64, 48), RED).save(path)
+
+    assert close_to(decode(path).getpixel((30, 20)), RED)
+
+
+def test_jpeg_xl(tmp_path: Path) -> None:
+    pytest.importorskip("pillow_jxl")
+    assert register_plugins([".jxl"]) == []
+    path = tmp_path / "camera.jxl"
+    Image.new("RGB", (64, 48), BLUE).save(path)
+
+    assert close_to(decode(path).getpixel((30, 20)), BLUE)
+
+
+@pytest.mark.parametrize("suffix", [".tif", ".gif", ".webp"])
+def test_a_file_of_many_pages_or_frames_is_its_first(tmp_path: Path, suffix: str) -> None:
+    """A multi-page TIFF is tagged by its first page, an animation by its first frame: what
+    a viewer shows as the photo."""
+    path = tmp_path / f"many{suffix}"
+    first, *rest = [Image.new("RGB", (40, 32), colour) for colour in (RED, BLUE, (0, 160, 0))]
+    first.save(path, save_all=True, append_images=rest)
+    assert Image.open(path).n_frames == 3
+
+    assert close_to(decode(path).getpixel((20, 16)), RED)
+
+
+WITHOUT_JXL = """
+import sys
+sys.modules["pillow_jxl"] = None  # as if installed without the extra: the import fails
+from cliptagd.decode import UnreadableImage, open_rgb, register_plugins
+(missing,) = register_plugins([".jxl"])
+assert "pip install 'cliptagd[jxl]'" in missing
+try:
+    open_rgb(sys.argv[1], 224, 10**9)
+except UnreadableImage as exc:
+    print(f"retry={exc.retry}: {exc}")
+"""
+
+
+def test_jpeg_xl_without_the_plugin_says_to_install_the_extra(tmp_path: Path) -> None:
+    pytest.importorskip("pillow_jxl")
+    register_plugins()
+    path = tmp_path / "camera.jxl"
+    Image.new("RGB", (64, 48), BLUE).save(path)
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_JXL, str(path)], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.startswith("retry=False: "), result.stdout + result.stderr
+    assert "pip install 'cliptagd[jxl]'" in result.stdout

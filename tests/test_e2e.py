@@ -90,6 +90,7 @@ def test_daemon_tags_what_is_there_and_what_arrives(
         save_picture(photo_dir, "red.jpg", "red", rng): "red",
         save_picture(photo_dir, "blue.PNG", "blue", rng): "blue",
         save_picture(photo_dir, "sub/green.jpg", "green", rng): "green",
+        save_picture(photo_dir, "phone.avif", "yellow", rng): "yellow",
     }
     broken = photo_dir / "broken.jpg"
     broken.write_bytes(os.urandom(2000))
@@ -103,7 +104,7 @@ def test_daemon_tags_what_is_there_and_what_arrives(
         wait_for(lambda: "READY=1" in systemd.received, 30, "READY=1")
         assert "Worker" in daemon.log  # the model was loaded before READY
         # Caught up at start.
-        wait_for(lambda: all_done(db, 4), 60, "the catch-up scan")
+        wait_for(lambda: all_done(db, 5), 60, "the catch-up scan")
         # Written in place.
         truth[save_picture(photo_dir, "yellow.jpg", "yellow", rng)] = "yellow"
         # Moved in from outside the watched tree.
@@ -200,8 +201,10 @@ def check_query_commands(config: Path, truth: dict[Path, str], broken: Path) -> 
     status = json.loads(cliptagd("status", "-c", config, "--format", "json").stdout)
     assert (status["pending"], status["tagged"], status["failed"]) == (0, len(truth), 1)
     assert status["failures"][0]["path"] == str(broken)
+    assert status["unsupported"] == {".txt": 1}  # the notes, counted; the hidden photo not
     text = run("status", "-c", config).stdout
     assert f"tagged: {len(truth)}" in text and "not a picture Pillow can read" in text
+    assert "Not photos, skipped (the last scan, by extension): .txt 1" in text
 
 
 @pytest.mark.slow  # 12 s; the quick run keeps the writer SIGKILL smoke and the poison quarantine

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ import pytest
 from cliptagd.config import DEFAULT_EXCLUDE, DEFAULT_EXTENSIONS
 from cliptagd.jobs import FileStat
 from cliptagd.scanner import PathFilter, walk
+from cliptagd.store import Store
 from tests.helpers import file_modes_enforced
 
 
@@ -252,3 +254,26 @@ def test_walk_outside_the_roots_finds_nothing(tmp_path: Path, root: Path) -> Non
     touch(tmp_path / "elsewhere" / "a.jpg")
 
     assert walked(tmp_path / "elsewhere", make_filter(root)) == []
+
+
+def test_walk_counts_what_it_skips_by_extension(root: Path) -> None:
+    """Nothing is skipped unseen: files that are not photos are counted by extension (not
+    hidden or temporary files, nor sidecars), for `status`."""
+    names = ["a.jpg", "b.avif", "c.jxl", "clip.MP4", "d/clip.mp4", "IMG_1.CR3", "notes.txt",
+             "README", "a.jpg.xmp", ".hidden.mp4", "movie.mp4.part", "@eaDir/x.mp4"]  # fmt: skip
+    for name in names:
+        touch(root / name)
+    skipped: Counter[str] = Counter()
+
+    found = sorted(os.path.basename(stat.path) for stat in walk(root, make_filter(root), skipped))
+
+    assert found == ["a.jpg", "b.avif", "c.jxl"]
+    assert skipped == {".mp4": 2, ".cr3": 1, ".txt": 1, "(none)": 1}
+
+
+def test_the_skipped_counts_are_kept_for_status(root: Path, tmp_path: Path) -> None:
+    with Store.open(f"sqlite:///{tmp_path / 'tags.db'}") as store:
+        assert store.unsupported() == {}
+        store.record_unsupported({".mp4": 2, ".cr3": 1})
+        store.record_unsupported({".mp4": 3})  # the latest full scan's, not a sum
+        assert store.unsupported() == {".mp4": 3}

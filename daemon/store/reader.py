@@ -7,6 +7,7 @@ needs no write permission anywhere): the query commands and the library's
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -43,6 +44,9 @@ from ..models import (
 from ..paths import db_key, folder_prefix, from_db
 from .schema import BUSY_TIMEOUT, check_schema, open_engine, waits_for_locks
 from .sqlite import CHUNK
+
+# The settings row of what the last full scan skipped (see Store.record_unsupported).
+UNSUPPORTED = "unsupported"
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,6 +252,13 @@ class Reader:
         with self.engine.connect() as conn:
             value: str | None = conn.scalar(select(Setting.value).where(Setting.name == "tagging"))
             return value
+
+    @waits_for_locks
+    def unsupported(self) -> dict[str, int]:
+        """The files the last full scan skipped as not photos, by extension."""
+        with self.engine.connect() as conn:
+            value = conn.scalar(select(Setting.value).where(Setting.name == UNSUPPORTED))
+        return {str(k): int(v) for k, v in json.loads(value).items()} if value else {}
 
     @waits_for_locks
     def hosts(self) -> list[HostState]:

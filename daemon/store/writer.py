@@ -52,7 +52,7 @@ from ..models import (
 )
 from ..paths import db_key, display, folder_prefix, from_db, to_db
 from . import dialect, postgres, sqlite
-from .reader import Reader, at_or_under, under_folder
+from .reader import UNSUPPORTED, Reader, at_or_under, under_folder
 from .schema import BUSY_TIMEOUT, migrate, waits_for_locks
 from .sqlite import CHUNK
 
@@ -598,6 +598,14 @@ class Store(Reader):
                 conn.execute(dialect.upsert(conn, Setting, "name", name="tagging", value=tagging))
             self._beat(conn, role, tagging, waiting)
             return waiting
+
+    @waits_for_locks
+    def record_unsupported(self, by_extension: dict[str, int]) -> None:
+        """What the last full scan of the watched folders skipped as not photos, counted by
+        extension (see scanner.PathFilter.unsupported), for `status`."""
+        value = json.dumps(dict(sorted(by_extension.items())))
+        with self._writer.begin() as conn:
+            conn.execute(dialect.upsert(conn, Setting, "name", name=UNSUPPORTED, value=value))
 
     @waits_for_locks
     def heartbeat(self, role: str, tagging: str | None, waiting: str | None) -> None:

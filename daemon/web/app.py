@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp
 
 from ..config import Config
+from ..decode import register_plugins
 from ..store import StoreError
 from . import files, pages, routes_api
 from .auth import Guard, derived, is_machine_path
@@ -56,6 +57,7 @@ class _App(FastAPI):
 def create_app(config: Config, *, token: str, runtime: Runtime | None = None) -> FastAPI:
     """The gallery and HTTP API over `config`'s database; every request needs `token`.
     `runtime`: the daemon's live state for /metrics (None under `cliptagd web`)."""
+    register_plugins()  # thumbnails of HEIC and JPEG XL photos, as the worker reads them
     library = Library(config)
 
     @contextlib.asynccontextmanager

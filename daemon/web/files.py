@@ -30,7 +30,7 @@ PLACEHOLDER = (Path(__file__).parent / "static" / "placeholder.svg").read_bytes(
 IMAGE_TYPES = {
     ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
     ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
-    ".heic": "image/heic", ".heif": "image/heif", ".avif": "image/avif",
+    ".heic": "image/heic", ".heif": "image/heif", ".avif": "image/avif", ".jxl": "image/jxl",
 }  # fmt: skip
 
 

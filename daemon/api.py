@@ -392,7 +392,10 @@ def remove_sidecars(
 
 @contextlib.contextmanager
 def _sidecar_lock(config: Config) -> Iterator[None]:
-    """The daemon's lock, held while this process writes sidecars: one writer at a time."""
+    """The daemon's lock, held while this process writes sidecars: one writer at a time.
+    On a shared database, the watch hosts write them (Locked: queue them instead)."""
+    if is_shared(config.database.url):
+        raise Locked("on a shared database, the watch host writes the sidecars")
     lock = DatabaseLock(config.database.url)
     lock.acquire("cliptagd xmp")
     try:
@@ -406,8 +409,8 @@ def flush_sidecars(store: Store, config: Config) -> int:
     and `xmp.write` is on; return how many. A running daemon writes them within seconds."""
     from .sidecars import SidecarWriter
 
-    if not config.xmp.write:
-        return 0
+    if not config.xmp.write or is_shared(config.database.url):
+        return 0  # on a shared database, the watch host writes them
     lock = DatabaseLock(config.database.url)
     if not lock.try_acquire("cliptagd tag"):
         return 0

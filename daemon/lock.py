@@ -8,7 +8,9 @@ start.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
 import pwd
 import socket
@@ -17,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.pool import NullPool
 
 from .paths import canonical
 from .store import StoreError, sqlite_file
 from .store.postgres import FOLDER_LOCK_SPACE
 from .store.schema import engine_url
+
+log = logging.getLogger(__name__)
 
 
 class Locked(StoreError):
@@ -113,8 +118,10 @@ class FolderLocks:
         self.folders = [canonical(folder) for folder in folders]
         self._engine: Any = None
         self._conn: Any = None
+        self.what = "cliptagd run"
 
     def acquire(self, what: str) -> None:
+        self.what = what
         self._engine = create_engine(
             engine_url(self.url),
             poolclass=NullPool,
@@ -143,9 +150,30 @@ class FolderLocks:
                     "watch other folders)."
                 )
 
+    def check(self) -> None:
+        """Make sure the locks are still held: a server restart or a dropped connection
+        ends the session that held them. Take them again then (Locked if another host took
+        a folder meanwhile); while the server cannot be reached, try again next time."""
+        try:
+            if self._conn is not None:
+                self._conn.execute(text("SELECT 1"))
+                self._conn.commit()
+                return
+        except DBAPIError:
+            log.warning("The connection holding the watched folders' locks was lost")
+        self.release()
+        try:
+            self.acquire(self.what)
+        except DBAPIError as exc:
+            self.release()
+            log.warning("Cannot take the watched folders' locks again yet: %s", exc.orig)
+            return
+        log.info("Holding the watched folders' locks again")
+
     def release(self) -> None:
         if self._conn is not None:
-            self._conn.close()  # closing the session drops its locks
+            with contextlib.suppress(DBAPIError):
+                self._conn.close()  # closing the session drops its locks
             self._conn = None
         if self._engine is not None:
             self._engine.dispose()

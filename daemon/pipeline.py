@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .jobs import FileStat, Job, Outcome, fingerprint
-from .paths import display
+from .paths import display, folder_prefix
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,12 @@ class Pipeline:
         max_attempts: int,
         failed_with: str | None = None,
         on_outcomes: Callable[[Sequence[Outcome]], None] | None = None,
+        roots: Sequence[str] = (),
     ) -> None:
         self.store = store
+        # The folders this host watches: on a shared database, a photo outside them is
+        # another host's, which this one cannot see (see _exists).
+        self.roots = [folder_prefix(root) for root in roots]
         self.worker = worker
         self.model_id = model_id
         self.max_attempts = max_attempts
@@ -80,9 +84,6 @@ class Pipeline:
         # back one at a time until each has an outcome: a poison photo then dies alone.
         self.suspects: set[int] = set()
         self.last_progress = time.monotonic()
-        # On a shared database the photos at the worker are leased: renewed this often.
-        self.renew_every = store.lease.total_seconds() / 3
-        self.next_renewal = time.monotonic() + self.renew_every
         # A tag host whose config differs from the database's claims nothing (see
         # Runner.agree); a watch host has no worker at all.
         self.paused = worker is None
@@ -135,7 +136,6 @@ class Pipeline:
         self._dispatch()
         if self.in_flight:
             assert self.worker is not None
-            self._renew_leases()
             outcomes = self.worker.outcomes(timeout=timeout)
             if outcomes:
                 self._save(outcomes)
@@ -214,23 +214,20 @@ class Pipeline:
 
     def _enqueue(self, stats: list[FileStat]) -> None:
         # Move detection reads files: the store does no file I/O of its own.
-        queued = self.store.enqueue(stats, fingerprint=fingerprint, exists=os.path.exists)
+        queued = self.store.enqueue(stats, fingerprint=fingerprint, exists=self._exists)
         if queued:
             self.queued += queued
             self._claim_needed = True
 
-    def _renew_leases(self) -> None:
-        now = time.monotonic()
-        if self.store.host is None or now < self.next_renewal:
-            return
-        self.next_renewal = now + self.renew_every
-        held = self.store.renew(list(self.in_flight))
-        if held < len(self.in_flight):
-            log.warning(
-                "%d photo(s) at the worker were claimed by another host (this one's lease ran "
-                "out: was it paused?); their results will be dropped",
-                len(self.in_flight) - held,
-            )
+    def _exists(self, path: str) -> bool:
+        """Whether the file at `path` is still there (then a new file with its content is a
+        copy, not the photo moved). On a shared database, a path outside this host's
+        folders counts as there: it is another host's to say."""
+        if os.path.exists(path):
+            return True
+        if self.store.host is None or not self.roots:
+            return False
+        return not any(path.startswith(root) for root in self.roots)
 
     def _dispatch(self) -> None:
         if self.paused or self.worker is None:

@@ -104,8 +104,8 @@ class Runner:
         # On a shared database: what this host tags with, and why it claims nothing if so.
         self.tagging: str | None = None
         self.waiting: str | None = None
-        self.next_beat = 0.0
         self.next_agree = 0.0
+        self.keeper: Keeper | None = None
         self.stop = stop
         self.on_outcomes = on_outcomes
         self.runtime = runtime  # the daemon's metrics, if it serves them
@@ -151,9 +151,18 @@ class Runner:
                 else failure_context(self.config, ready.model_id)
             ),
             on_outcomes=self._outcomes,
+            roots=[str(path) for path in self.config.watch.paths],
         )
         self.pipeline.paused = self.waiting is not None
         self._use_sidecars(self.config)
+        self._keep()
+
+    def _keep(self) -> None:
+        """On a shared database, start the keeper (see Keeper)."""
+        assert self.store is not None
+        if self.store.host is not None:
+            self.keeper = Keeper(self)
+            self.keeper.start()
 
     def _check_agreement(self) -> None:
         """On a shared database: tag only with the config the database records (see
@@ -163,7 +172,6 @@ class Runner:
             return
         self.waiting = self.store.agree(self.role, self.tagging)
         self.next_agree = time.monotonic() + AGREE_EVERY
-        self.next_beat = time.monotonic() + HEARTBEAT.total_seconds()
         if self.waiting is not None:
             log.warning("Waiting: %s.", self.waiting)
 
@@ -181,15 +189,16 @@ class Runner:
         self.pipeline.use_worker(self.worker, failed_with=self._catch_up(self.config, ready))
 
     def _beat(self) -> None:
-        assert self.store is not None
-        if self.store.host is None:
+        """The main loop's part on a shared database: look again while waiting, and when
+        the keeper saw the recorded config change under this host."""
+        if self.keeper is None:
             return
-        now = time.monotonic()
-        if self.waiting is not None and now >= self.next_agree:
+        if self.keeper.config_changed.is_set():
+            self.keeper.config_changed.clear()
+            self._check_agreement()
+            self.pipeline.paused = self.waiting is not None
+        elif self.waiting is not None and time.monotonic() >= self.next_agree:
             self._agree()
-        elif now >= self.next_beat:
-            self.next_beat = now + HEARTBEAT.total_seconds()
-            self.store.heartbeat(self.role, self.tagging, self.waiting)
 
     def _use_sidecars(self, config: Config) -> None:
         """Write sidecars (in a thread of their own) if `config` says so; stop if not."""
@@ -357,6 +366,9 @@ class Runner:
             self.sidecars = None
 
     def close(self) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()
+            self.keeper = None
         if self.store is not None:
             self.store.leave()
             self.store.close()
@@ -389,19 +401,17 @@ class WatchRunner(Runner):
             model_id="",
             batch_size=self.config.worker.batch_size,
             max_attempts=self.config.worker.max_attempts,
+            roots=[str(path) for path in self.config.watch.paths],
         )
         self._use_sidecars(self.config)
         self.store.heartbeat(self.role, None, None)
+        self._keep()
 
     @property
     def alive(self) -> bool:
         return True
 
     def step(self, timeout: float = 0.2) -> None:
-        if time.monotonic() >= self.next_beat:
-            assert self.store is not None
-            self.next_beat = time.monotonic() + HEARTBEAT.total_seconds()
-            self.store.heartbeat(self.role, None, None)
         self.pipeline.step(timeout)
 
     def reload(self, config: Config) -> None:
@@ -412,3 +422,62 @@ class WatchRunner(Runner):
         if self.sidecars is not None:
             self.sidecars.stop()
             self.sidecars = None
+
+
+class Keeper:
+    """On a shared database, a thread that keeps this host's standing while the main loop
+    may be busy (waiting for the writers' turn, loading a model): it checks in every
+    HEARTBEAT, renews the leases on the photos at the worker, and notices when the recorded
+    tagging config is no longer this host's (another host took over while this one looked
+    gone), so that the main loop stops claiming and agrees again."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self.config_changed = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="keeper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        store = self.runner.store
+        assert store is not None
+        beat_every = HEARTBEAT.total_seconds()
+        renew_every = store.lease.total_seconds() / 3
+        next_beat = next_renewal = time.monotonic()
+        while not self._stop.wait(0.5):
+            now = time.monotonic()
+            try:
+                if now >= next_renewal:
+                    next_renewal = now + renew_every
+                    self._renew(store)
+                if now >= next_beat:
+                    next_beat = now + beat_every
+                    runner = self.runner
+                    store.heartbeat(runner.role, runner.tagging, runner.waiting)
+                    if (
+                        runner.tagging is not None
+                        and runner.waiting is None
+                        and store.recorded_tagging() != runner.tagging
+                    ):
+                        self.config_changed.set()
+            except Exception:  # the database is unreachable, say: the next turn tries again
+                log.debug("The keeper's turn failed", exc_info=True)
+
+    def _renew(self, store: Store) -> None:
+        pipeline = self.runner._pipeline
+        if pipeline is None:
+            return
+        held = list(pipeline.in_flight)  # one C-level copy: safe beside the main thread
+        kept = store.renew(held)
+        if kept < len(held):
+            log.warning(
+                "%d photo(s) at the worker were claimed by another host (this one's lease ran "
+                "out: was it paused?); their results will be dropped",
+                len(held) - kept,
+            )

@@ -41,6 +41,10 @@ log = logging.getLogger(__name__)
 __all__ = ["StartupError", "run_daemon", "run_scan"]
 
 
+# On a shared database, how often a watch host makes sure it still holds its folders' locks.
+LOCK_CHECK_SECONDS = 10.0
+
+
 class _Stopper:
     """Turns SIGTERM and SIGINT into a flag the main loop checks."""
 
@@ -110,9 +114,18 @@ def _scan_in_background(
 class Daemon:
     """`cliptagd run`: the watcher, the runner (worker and pipeline), until SIGTERM."""
 
-    def __init__(self, config: Config, config_path: Path | None = None, role: str = "all") -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: Path | None = None,
+        role: str = "all",
+        folder_locks: FolderLocks | None = None,
+    ) -> None:
         self.config = config
         self.role = role
+        # On a shared database: this host's right to watch its folders, checked now and then.
+        self.folder_locks = folder_locks
+        self.next_lock_check = 0.0
         self.config_path = config_path
         self.notifier = Notifier()
         self.stopper = _Stopper()
@@ -163,6 +176,9 @@ class Daemon:
                     self._reload()
                 if now >= self.next_rescan:
                     self._rescan()
+                if self.folder_locks is not None and now >= self.next_lock_check:
+                    self.next_lock_check = now + LOCK_CHECK_SECONDS
+                    self.folder_locks.check()
                 if ping_every is not None and now >= self.next_ping:
                     # Only while every part is alive: a dead observer or worker that the
                     # loop has not noticed makes systemd restart the service.
@@ -310,8 +326,11 @@ class Daemon:
             new = load_config(self.config_path)
             if new.database != self.config.database:
                 raise ConfigError(
-                    f"{self.config_path}: database.url: a new database needs a restart, "
-                    "not a reload"
+                    f"{self.config_path}: database: a new database needs a restart, not a reload"
+                )
+            if new.paths != self.config.paths:
+                raise ConfigError(
+                    f"{self.config_path}: paths.map: a new path map needs a restart, not a reload"
                 )
             if new.watch != self.config.watch:
                 _check_roots(new)
@@ -367,7 +386,8 @@ def run_daemon(config: Config, config_path: Path | None = None, role: str = "all
         lock = FolderLocks(config.database.url, folders)
     lock.acquire(f"cliptagd run --role {role}")
     try:
-        return Daemon(config, config_path, role).run()
+        folder_locks = lock if isinstance(lock, FolderLocks) and lock.folders else None
+        return Daemon(config, config_path, role, folder_locks).run()
     finally:
         lock.release()
 
@@ -445,7 +465,10 @@ def _scan(scan: _Scan) -> int:
 
 
 def _write_sidecars(store: Store, scan: _Scan) -> None:
-    """Write the sidecars the scan queued (and any left from before)."""
+    """Write the sidecars the scan queued (and any left from before); on a shared
+    database the watch host writes them."""
+    if store.host is not None:
+        return
     with _progress(scan, "Writing sidecars") as bar:
         SidecarWriter(store, scan.config).drain_all(bar.update)
 

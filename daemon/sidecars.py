@@ -61,7 +61,9 @@ class SidecarWriter:
         """Write up to `limit` queued sidecars (fewer if `stop` is set meanwhile); return how
         many outbox entries were done. The database is read and written a batch at a time:
         per sidecar, only the file itself is read and written."""
-        items = self.store.outbox(limit)
+        # On a shared database, each watch host writes the sidecars of its own folders.
+        mine = [str(path) for path in self.config.watch.paths] if self.store.host else []
+        items = self.store.outbox(limit, under=mine)
         if not items:
             return 0
         photos = self.store.photo_rows([photo_id for photo_id, _ in items])

@@ -35,9 +35,6 @@ log = logging.getLogger(__name__)
 Decoded = tuple[Job, str, Any]
 
 
-# A worker on a shared database waits this long for its parent to agree on the config.
-AGREE_WAIT = 30.0
-
 # The advisory lock a re-tag holds on a shared database (store/postgres.py's numbering).
 RETAG_LOCK = 0x636C_6970_0004
 
@@ -374,15 +371,16 @@ class _ModelLoop:
 
     def _agreed(self, store: Any) -> bool:
         """On a shared database, re-tag only with the config the database records: the
-        parent records this one as it starts if it may (Store.agree); a host whose config
-        differs re-tags nothing (its parent restarts it if that changes)."""
-        deadline = time.monotonic() + AGREE_WAIT
+        parent records this one as it starts, if it may (Store.agree). Until then this waits
+        (the parent claims nothing meanwhile); a host whose config differs re-tags nothing,
+        and its parent starts a new worker once the config is everyone's."""
+        said = False
         while not self.stop.is_set():
             if store.recorded_tagging() == self.tagging:
                 return True
-            if time.monotonic() > deadline:
-                log.info("Not re-tagging: this host's config is not the one the database runs")
-                return False
+            if not said:
+                log.info("Waiting for the database to run this host's config before re-tagging")
+                said = True
             time.sleep(0.5)
         return False
 

@@ -643,3 +643,9 @@ def test_a_reader_serves_many_threads_at_once(store: Store) -> None:
         thread.join()
     reader.close()
     assert errors == []
+
+
+def test_folders_differ_by_case(store: Store) -> None:
+    store.enqueue([FileStat("/p/Trip/a.jpg", 1, 1.0), FileStat("/p/trip/b.jpg", 1, 1.0)])
+    assert store.remove("/p/Trip") == 1
+    assert store.counts()["pending"] == 1

@@ -26,6 +26,9 @@ CONFIG_LOCK = 0x636C_6970_0002
 SEQ_LOCK = 0x636C_6970_0003
 WRITE_LOCK = 0x636C_6970_0005
 
+# How long a writer's transaction may sit idle (its host paused) before the server ends it.
+IDLE_IN_WRITE_MS = 30_000
+
 # The execution option of the writers' engine (see `writing`).
 _WRITE = "cliptagd_write"
 # A watched folder's session-level lock: this plus a hash of its canonical path.
@@ -53,7 +56,20 @@ def connect(url: str, *, readonly: bool, connect_timeout: float) -> Engine:
             "prepare_threshold": None,
         },
     )
-    return engine.execution_options(postgresql_readonly=True) if readonly else engine
+    if readonly:
+        return engine.execution_options(postgresql_readonly=True)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # A host paused in the middle of a write transaction (SIGSTOP, a suspended VM)
+        # would hold the writers' lock, and so every host, until it resumed: the server
+        # ends such a transaction instead. Its host's commit then fails, and the write is
+        # tried again (by then without its lease: dropped).
+        with dbapi_connection.cursor() as cursor:
+            cursor.execute(f"SET idle_in_transaction_session_timeout = {IDLE_IN_WRITE_MS}")
+        dbapi_connection.commit()
+
+    return engine
 
 
 def writing(engine: Engine) -> Engine:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal, Self
 
 from sqlalchemy import (
@@ -246,7 +246,6 @@ class Reader:
     # -- photos and tags ------------------------------------------------------------------
 
     @waits_for_locks
-    @waits_for_locks
     def recorded_tagging(self) -> str | None:
         """The tagging config every tag host must run (see Store.agree), if recorded."""
         with self.engine.connect() as conn:
@@ -263,7 +262,10 @@ class Reader:
     @waits_for_locks
     def hosts(self) -> list[HostState]:
         """The hosts working on a shared database, and when each was last seen."""
-        stmt = select(Host.name, Host.role, Host.seen_at, Host.waiting, Host.config)
+        stmt = select(Host.name, Host.role, Host.seen_at, Host.waiting, Host.config).where(
+            # A host that died without saying so stops being listed after a day.
+            Host.seen_at > func.timezone("UTC", func.now()) - timedelta(days=1)
+        )
         with self.engine.connect() as conn:
             if conn.dialect.name != "postgresql":
                 return []
@@ -272,6 +274,7 @@ class Reader:
                 for r in conn.execute(stmt.order_by(Host.name))
             ]
 
+    @waits_for_locks
     def counts(self) -> dict[str, int]:
         """How many photos are in each status (every status present, zero or not)."""
         counts = {status.value: 0 for status in Status}

@@ -55,6 +55,9 @@ def connect(url: str, file: Path | None, *, readonly: bool, busy_timeout: float)
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {busy_ms}")
         cursor.execute("PRAGMA foreign_keys = ON")
+        # Paths are case-sensitive: a folder-prefix LIKE must not take /p/Trip for /p/trip
+        # (and, case-sensitive, it can use the index), as on PostgreSQL.
+        cursor.execute("PRAGMA case_sensitive_like = ON")
         # Queries at a million photos read pages all over the file: mapped, a page that is
         # in the OS's cache costs no system call. (Address space, not memory.)
         cursor.execute("PRAGMA mmap_size = 1073741824")

@@ -32,6 +32,7 @@ from sqlalchemy import (
     text,
     update,
 )
+from sqlalchemy.exc import DBAPIError
 
 from ..jobs import FileStat, Job, TagScore
 from ..models import (
@@ -414,6 +415,7 @@ class Store(Reader):
         """
         failed, tagged = set(), []
         now = _now()
+        results = list({result.job.photo_id: result for result in results}.values())
         ids = [result.job.photo_id for result in results]
         current = select(
             Photo.id, Photo.size, Photo.mtime, Photo.attempts, Photo.unopened_on
@@ -477,6 +479,7 @@ class Store(Reader):
         return {
             "status": Status.PENDING if again else Status.FAILED,
             "error": result.error,
+            "unopened_on": None,  # opened here: the retry waits its turn, on any host
             "attempts": attempts,
             "tagged_at": now,
             "retry_at": now + RETRY_DELAY * attempts if again else None,
@@ -621,13 +624,16 @@ class Store(Reader):
         if not conn.execute(update(Host).where(Host.name == self.host).values(values)).rowcount:
             conn.execute(insert(Host).values(name=self.host, started_at=server_now(), **values))
 
-    @waits_for_locks
     def leave(self) -> None:
-        """This host stops: its row goes (a host that dies simply stops being seen)."""
+        """This host stops: its row goes (a host that dies simply stops being seen). Best
+        effort: with the database down, stopping does not wait for it."""
         if self.host is None:
             return
-        with self.engine.begin() as conn:
-            conn.execute(delete(Host).where(Host.name == self.host))
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(delete(Host).where(Host.name == self.host))
+        except DBAPIError as exc:
+            log.info("Could not sign this host off the database: %s", exc.orig)
 
     @contextlib.contextmanager
     def exclusive(self, key: int) -> Iterator[None]:
@@ -642,8 +648,10 @@ class Store(Reader):
             try:
                 yield
             finally:
-                conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
-                conn.commit()
+                # A connection lost meanwhile took the lock with it: nothing to undo.
+                with contextlib.suppress(DBAPIError):
+                    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    conn.commit()
 
     # -- files that moved or went away ----------------------------------------------------
 
@@ -865,9 +873,14 @@ class Store(Reader):
         return len(photo_ids)
 
     @waits_for_locks
-    def outbox(self, limit: int) -> list[tuple[int, datetime]]:
-        """Up to `limit` queued sidecars, oldest first: photo id and when it was queued."""
+    def outbox(self, limit: int, under: Sequence[str] = ()) -> list[tuple[int, datetime]]:
+        """Up to `limit` queued sidecars, oldest first: photo id and when it was queued;
+        only those of photos under the folders `under`, if given (a watch host's own)."""
         stmt = select(SidecarOutbox.photo_id, SidecarOutbox.queued_at)
+        if under:
+            stmt = stmt.join(Photo, Photo.id == SidecarOutbox.photo_id).where(
+                or_(*map(at_or_under, under))
+            )
         with self.engine.connect() as conn:
             rows = conn.execute(stmt.order_by(SidecarOutbox.queued_at).limit(limit))
             return [(row.photo_id, row.queued_at) for row in rows]

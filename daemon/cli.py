@@ -286,6 +286,7 @@ DATE = click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S"])
 @click.option("--under", type=click.Path(path_type=Path), help="Only photos under this folder.")
 @click.option("--since", type=DATE, help="Only photos whose file time is this or later.")
 @click.option("--until", type=DATE, help="Only photos whose file time is before this.")
+@click.option("--kind", type=click.Choice(["photo", "video"]), help="Only photos, or only videos.")
 @click.option("--limit", type=click.IntRange(1), help="At most this many photos.")
 @click.option(
     "--offset", type=click.IntRange(0), default=0, help="Skip this many photos first (pages)."
@@ -308,13 +309,14 @@ def query(
     under: Path | None,
     since: datetime | None,
     until: datetime | None,
+    kind: Literal["photo", "video"] | None,
     limit: int | None,
     offset: int,
     sort: Literal["score", "time", "path"],
     fmt: str,
     print0: bool,
 ) -> None:
-    """List the photos matching the tags asked, with those tags' scores.
+    """List the photos (and videos) matching the tags asked, with those tags' scores.
 
     Dates are local time; a photo's time is its file's modification time. A label or set
     that no label set has is an error (exit 1), with the closest names.
@@ -324,6 +326,7 @@ def query(
       cliptagd query -c config.yaml --tag beach --min-score 0.5 --format paths
       cliptagd query -c config.yaml --tag dog --tag beach --not-tag night --since 2024-06-01
       cliptagd query -c config.yaml --any-tag cat --any-tag dog --under ~/Pictures/2024
+      cliptagd query -c config.yaml --tag beach --kind video
     """
     config = _load(config_path)
     store = _open_readonly(config)
@@ -333,7 +336,7 @@ def query(
         under=str(under) if under else None,
         since=since.timestamp() if since else None,
         until=until.timestamp() if until else None,
-        limit=limit, offset=offset, sort=sort,
+        kind=kind, limit=limit, offset=offset, sort=sort,
     )  # fmt: skip
     try:
         rows = api.query(store, q, config)

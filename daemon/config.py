@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from .configfile import Loader, describe, one_line
+from .jobs import VIDEO_SUFFIXES
 from .paths import normalise_folder
 
 ENV_VAR = "CLIPTAGD_CONFIG"
@@ -39,7 +40,7 @@ TEMPLATE_LISTS = ("openai", "simple")
 # frame (what a viewer shows as the photo); JPEG XL needs the jxl extra, HEIC the heif one.
 DEFAULT_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
-    ".avif", ".jxl",
+    ".avif", ".jxl", *VIDEO_SUFFIXES,
 )  # fmt: skip
 
 # Folders that NAS systems and file managers keep beside photos; never worth tagging.
@@ -146,6 +147,10 @@ class WorkerConfig(_Frozen):
     # A worker holding photos that returns nothing for this long is taken as hung, ended and
     # replaced (its photos count an attempt).
     stall_seconds: Annotated[float, Field(gt=0)] = 300.0
+    # A video is tagged from this many frames spread over it (keyframes), their embeddings
+    # averaged; found within video_seconds at most, however long the video.
+    video_frames: Annotated[int, Field(ge=1, le=64)] = 8
+    video_seconds: Annotated[float, Field(gt=0, le=600)] = 20.0
 
 
 class LabelSpec(_Frozen):

@@ -13,6 +13,22 @@ import os
 import stat
 from dataclasses import dataclass
 
+# Videos: tagged from a few frames (decode/video.py), and `kind` video in the database.
+VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp")
+
+# What the database's `kind` column holds.
+PHOTO, VIDEO = "photo", "video"
+
+
+def is_video(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in VIDEO_SUFFIXES
+
+
+def kind_of(path: str) -> str:
+    """`video` or `photo`, by the file's extension."""
+    return VIDEO if is_video(path) else PHOTO
+
+
 # Enough of a file to tell photos apart (the head holds EXIF with its timestamps, the tail
 # compressed pixels) while reading 128 KiB, not the whole 3-30 MB file.
 FINGERPRINT_SPAN = 64 * 1024

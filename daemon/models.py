@@ -89,6 +89,8 @@ class Photo(Base):
     # The host that could not open the file (its mount, its permissions): another host
     # tries it before it is failed.
     unopened_on: Mapped[str | None] = mapped_column(Text, default=None)
+    # photo or video (jobs.kind_of: by extension); `query --kind`.
+    kind: Mapped[str] = mapped_column(String(8), default="photo", server_default="photo")
 
     __table_args__ = (Index("ix_photos_status", "status"), Index("ix_photos_size", "size"))
 

@@ -384,7 +384,7 @@ def run_daemon(config: Config, config_path: Path | None = None, role: str = "all
     if shared:
         folders = [str(path) for path in config.watch.paths] if role != "tag" else []
         lock = FolderLocks(config.database.url, folders)
-    lock.acquire(f"cliptagd run --role {role}")
+    lock.acquire("cliptagd run" if role == "all" else f"cliptagd run --role {role}")
     try:
         folder_locks = lock if isinstance(lock, FolderLocks) and lock.folders else None
         return Daemon(config, config_path, role, folder_locks).run()

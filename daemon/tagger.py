@@ -787,10 +787,18 @@ class ClipTagger:
         """The kept tags of each photo in a batch."""
         return [tags for tags, _ in self.tag_and_embed(pixels)]
 
-    def tag_and_embed(self, pixels: torch.Tensor) -> list[tuple[tuple[TagScore, ...], bytes]]:
-        """Each photo's kept tags, and its embedding as float16 bytes to store."""
+    def tag_and_embed(
+        self, pixels: torch.Tensor, frames: Sequence[int] | None = None
+    ) -> list[tuple[tuple[TagScore, ...], bytes]]:
+        """Each photo's kept tags, and its embedding as float16 bytes to store. `frames`:
+        how many of the pictures in turn make each item (a video's frames): its embedding
+        is the normalised mean of theirs, and its tags are scored from that."""
         with torch.inference_mode():
             embeddings = self.encode(pixels)
+            if frames is not None and len(frames) != len(embeddings):
+                parts = torch.split(embeddings, list(frames))
+                means = [part.mean(dim=0) for part in parts]
+                embeddings = torch.nn.functional.normalize(torch.stack(means), dim=-1)
             tags = score(embeddings, self.sets, self.logit_scale)
             stored = embeddings.to(device="cpu", dtype=torch.float16).numpy()
         return [(t, row.tobytes()) for t, row in zip(tags, stored, strict=True)]

@@ -26,12 +26,13 @@ from multiprocessing.context import SpawnProcess
 from typing import Any
 
 from .config import Config
-from .decode import UnreadableImage, open_rgb
+from .decode import UnreadableImage, open_frames
 from .jobs import Job, Outcome, fingerprint
 
 log = logging.getLogger(__name__)
 
-# A photo ready for the model: its job, its content fingerprint, its preprocessed pixels.
+# A photo ready for the model: its job, its content fingerprint, its preprocessed frames
+# (one for a photo, a few for a video).
 Decoded = tuple[Job, str, Any]
 
 
@@ -389,11 +390,20 @@ class _ModelLoop:
             return self.pending == 0
 
     def _decode(self, job: Job) -> None:
+        import torch
+
         try:
-            image = open_rgb(job.path, self.min_side, self.config.max_pixels)
+            images = open_frames(
+                job.path,
+                self.min_side,
+                self.config.max_pixels,
+                self.config.video_frames,
+                self.config.video_seconds,
+            )
+            pixels = torch.stack([self.tagger.preprocess(image) for image in images])
             # Read now, while the file is in the page cache: it recognises the photo if it
             # is later moved where no event says so.
-            item: Outcome | Decoded = (job, fingerprint(job.path), self.tagger.preprocess(image))
+            item: Outcome | Decoded = (job, fingerprint(job.path), pixels)
         except UnreadableImage as exc:
             item = Outcome(job, error=str(exc), retry=exc.retry, unopened=exc.unopened)
         except Exception as exc:  # a decoder bug must cost one photo, not the worker
@@ -430,8 +440,10 @@ class _ModelLoop:
         if decoded:
             try:
                 started = time.perf_counter()
-                pixels = torch.stack([tensor for *_, tensor in decoded])
-                results = self.tagger.tag_and_embed(pixels)
+                # Each item is its frames: one for a photo, a few for a video.
+                pixels = torch.cat([tensor for *_, tensor in decoded])
+                frames = [tensor.shape[0] for *_, tensor in decoded]
+                results = self.tagger.tag_and_embed(pixels, frames)
                 for (job, print_, _), (tags, vector) in zip(decoded, results, strict=True):
                     outcomes.append(Outcome(job, tags, fingerprint=print_, embedding=vector))
                 elapsed = time.perf_counter() - started

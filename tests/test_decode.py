@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import random
 import re
 import struct
@@ -12,16 +13,24 @@ import sys
 import time
 import zlib
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image, features
 
 from cliptagd.config import load_config
-from cliptagd.decode import UnreadableImage, open_rgb, register_heif, register_plugins
+from cliptagd.decode import (
+    UnreadableImage,
+    open_frames,
+    open_rgb,
+    register_heif,
+    register_plugins,
+)
 from cliptagd.jobs import Job, Outcome
 from cliptagd.worker import Worker
 from tests import tinyclip
 from tests.helpers import ConfigFactory, file_modes_enforced, save_picture
+from tests.media import write_sound, write_video
 
 # The model's input side in these tests, and a pixel limit far above any picture made here.
 MIN_SIDE = 224
@@ -501,3 +510,72 @@ def test_jpeg_xl_without_the_plugin_says_to_install_the_extra(tmp_path: Path) ->
     )
     assert result.stdout.startswith("retry=False: "), result.stdout + result.stderr
     assert "pip install 'cliptagd[jxl]'" in result.stdout
+
+
+# -- videos ------------------------------------------------------------------------------------
+
+
+def video_colours(path: Path, count: int = 8, seconds: float = 20.0) -> list[str]:
+    """The tiny model's colour closest to the middle of each frame decoded."""
+    frames = open_frames(str(path), 64, 10**9, count, seconds)
+    return [nearest_colour(frame.getpixel((48, 40))) for frame in frames]
+
+
+def nearest_colour(rgb: tuple[int, int, int]) -> str:
+    palette = {"red": RED, "blue": BLUE, "green": (30, 200, 40), "yellow": (230, 220, 40)}
+    return min(
+        palette, key=lambda n: sum((a - b) ** 2 for a, b in zip(palette[n], rgb, strict=True))
+    )
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".webm"])
+def test_a_video_is_a_few_keyframes_spread_over_it(tmp_path: Path, suffix: str) -> None:
+    path = write_video(tmp_path / f"clip{suffix}", ["red"] * 20 + ["blue"] * 20)
+
+    colours = video_colours(path)
+
+    assert 2 <= len(colours) <= 8
+    assert colours == sorted(colours, key=["red", "blue"].index)  # in the video's order
+    assert set(colours) == {"red", "blue"}  # from both halves
+
+
+def test_a_ten_hour_video_costs_a_few_frames(tmp_path: Path) -> None:
+    """Frames an hour and a quarter apart: the duration says ten hours; seeking to a few
+    keyframes decodes a few frames, never the whole."""
+    path = write_video(tmp_path / "night.mp4", ["red", "green", "blue", "yellow"] * 2,
+                       seconds_apart=4500, keyframe_every=1)  # fmt: skip
+
+    colours = video_colours(path, count=4)
+
+    assert colours == ["red", "blue", "red", "blue"]  # at 1:15, 3:45, 6:15 and 8:45
+    # Out of time after the first frame: that frame is what it gets.
+    assert video_colours(path, count=8, seconds=1e-9) == ["red"]
+
+
+@pytest.mark.parametrize(
+    ("make", "reason", "retry"),
+    [
+        (lambda p: write_sound(p), "no video stream", False),
+        (lambda p: p.write_bytes(b""), "the file is empty", True),
+        (lambda p: p.write_bytes(os.urandom(3000)), "not a video FFmpeg can read", False),
+    ],
+    ids=["sound-only", "empty", "garbage"],
+)
+def test_a_bad_video_is_refused_with_a_reason(
+    tmp_path: Path, make: Any, reason: str, retry: bool
+) -> None:
+    path = tmp_path / "bad.mp4"
+    make(path)
+
+    with pytest.raises(UnreadableImage, match=reason) as refused:
+        open_frames(str(path), 64, 10**9, 8, 20.0)
+    assert refused.value.retry is retry
+
+
+def test_a_video_cut_short_is_refused_with_a_reason(tmp_path: Path) -> None:
+    whole = write_video(tmp_path / "whole.mp4", ["red"] * 30).read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole[: len(whole) // 3])
+
+    with pytest.raises(UnreadableImage, match="FFmpeg"):
+        open_frames(str(cut), 64, 10**9, 8, 20.0)

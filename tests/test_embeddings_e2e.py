@@ -220,6 +220,7 @@ def test_sighup_with_a_new_label_set_retags_from_embeddings(
         daemon.process.send_signal(signal.SIGHUP)
         wait_for(lambda: rows(db, "SELECT count(*) FROM tags WHERE label_set = 'top2'")
                  == [(16,)], 60, "the new set's tags")  # fmt: skip
-        assert logged_retag(daemon, 8, "top2"), daemon.log
+        # The worker logs the re-tag once its last write is done, a moment after the tags.
+        wait_for(lambda: logged_retag(daemon, 8, "top2"), 30, "the re-tag's log line")
         assert daemon.stop() == 0
     assert dict(rows(db, "SELECT path, tagged_at FROM photos")) == tagged_at  # none redone

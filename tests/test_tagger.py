@@ -341,3 +341,23 @@ def test_cached_label_embeddings_follow_the_umask(tiny_model: Path, tmp_path: Pa
         os.umask(previous)
     (cached,) = (tmp_path / "cache" / "labels").glob("*.safetensors")
     assert cached.stat().st_mode & 0o777 == 0o640
+
+
+def test_a_video_is_embedded_as_the_mean_of_its_frames(tiny_model: Path, tmp_path: Path) -> None:
+    """Items of several frames (a video's) get the normalised mean of their frames'
+    embeddings, and tags scored from it: what retag reproduces from the stored vector."""
+    tagger = make_tagger(tiny_model, tmp_path / "cache", colour=colour_set())
+    rng = random.Random(5)
+    colours = ["red", "red", "blue", "green", "blue", "blue"]
+    pixels = torch.stack([tagger.preprocess(tinyclip.picture(c, rng)) for c in colours])
+
+    results = tagger.tag_and_embed(pixels, [2, 1, 3])  # a video, a photo, a video
+
+    frames = tagger.encode(pixels)
+    expected = [F.normalize(part.mean(0), dim=0) for part in torch.split(frames, [2, 1, 3])]
+    assert len(results) == 3
+    for (tags, stored), want in zip(results, expected, strict=True):
+        vector = torch.frombuffer(bytearray(stored), dtype=torch.float16).float()
+        assert torch.allclose(vector, want, atol=2e-3)
+        assert [t.label for t in tags] == [t.label for t in tagger.score_stored(stored)[0]]
+    assert [tags[0].label for tags, _ in results] == ["red", "blue", "blue"]

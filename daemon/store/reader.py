@@ -70,6 +70,7 @@ class TagQuery:
     label_set: str | None = None
     min_score: float | None = None
     under: str | None = None
+    kind: Literal["photo", "video"] | None = None  # only photos, or only videos
     since: float | None = None  # file mtime, seconds since the epoch
     until: float | None = None
     limit: int | None = None
@@ -590,6 +591,8 @@ def _query(q: TagQuery, shown: Subquery) -> Any:
         stmt = stmt.where(Photo.mtime >= q.since)
     if q.until is not None:
         stmt = stmt.where(Photo.mtime < q.until)
+    if q.kind is not None:
+        stmt = stmt.where(Photo.kind == q.kind)
     order = {
         "score": (score.desc(), Photo.path),
         "time": (Photo.mtime.desc(), Photo.path, score.desc()),

@@ -34,7 +34,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError
 
-from ..jobs import FileStat, Job, TagScore
+from ..jobs import FileStat, Job, TagScore, kind_of
 from ..models import (
     VISIBLE,
     Action,
@@ -248,7 +248,11 @@ class Store(Reader):
                         continue
                     if row is None:
                         text, raw = to_db(stat.path)
-                        new_rows.append(_queued(now) | file | {"path": text, "raw_path": raw})
+                        new_rows.append(
+                            _queued(now)
+                            | file
+                            | {"path": text, "raw_path": raw, "kind": kind_of(stat.path)}
+                        )
                     elif (row.size, row.mtime) != (stat.size, stat.mtime):
                         changed = _queued(now) | file
                         conn.execute(update(Photo).where(Photo.id == row.id).values(changed))

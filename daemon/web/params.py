@@ -24,6 +24,7 @@ MAX_LIMIT = 1000
 DATE_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S")
 
 Sort = Literal["score", "time", "path"]
+Kind = Literal["photo", "video"]
 
 
 def parse_date(name: str, value: str | None) -> float | None:
@@ -47,6 +48,7 @@ def tag_query(
     under: Annotated[str | None, Query(description="Only photos under this folder.")] = None,
     since: Annotated[str | None, Query(description="YYYY-MM-DD, local time.")] = None,
     until: Annotated[str | None, Query(description="YYYY-MM-DD, the first day left out.")] = None,
+    kind: Annotated[Kind | None, Query(description="Only photos, or only videos.")] = None,
     sort: Sort = "score",
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = DEFAULT_LIMIT,
     offset: Annotated[int, Query(ge=0)] = 0,
@@ -61,6 +63,7 @@ def tag_query(
         under=under or None,
         since=parse_date("since", since),
         until=parse_date("until", until),
+        kind=kind,
         limit=limit,
         offset=offset,
         sort=sort,

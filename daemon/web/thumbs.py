@@ -2,10 +2,10 @@
 
 A thumbnail is keyed by the photo's fingerprint (the one the worker records), so a photo
 moved or renamed keeps its thumbnail, and `prune` can drop those of photos no longer in the
-database (the daemon calls it at each rescan). The decoding is `decode.open_rgb`, the one
+database (the daemon calls it at each rescan). The decoding is `decode.open_frames`, the one
 the worker tags with: EXIF orientation, HEIC, CMYK, 16-bit, and the JPEG draft mode that
-decodes a 12 MP photo at a fraction of the cost. A photo that cannot be decoded gets a
-placeholder, never an error page.
+decodes a 12 MP photo at a fraction of the cost; a video's poster is its middle keyframe. A
+photo that cannot be decoded gets a placeholder, never an error page.
 
     cache_path/thumbs/ab/abcdef…-256.jpg      by fingerprint: kept while the photo is
     cache_path/thumbs/tmp/id12-…-256.jpg      no fingerprint (or the file changed since it was
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..decode import UnreadableImage, open_rgb
+from ..decode import UnreadableImage, open_frames
 from ..store import PhotoInfo
 
 log = logging.getLogger(__name__)
@@ -85,12 +85,16 @@ def matches(if_none_match: str | None, etag: str) -> bool:
 # no draft mode and may take hundreds of MB while it decodes, beside the daemon's model.
 _decoding = threading.BoundedSemaphore(max(2, os.cpu_count() or 2))
 
+# The most a video's poster frame may take to find.
+POSTER_SECONDS = 5.0
+
 
 def make(source: str, size: int, max_pixels: int) -> bytes | None:
     """The JPEG thumbnail of `source`, fitting size×size; None if it cannot be decoded."""
     try:
         with _decoding:
-            img = open_rgb(source, min_side=size, max_pixels=max_pixels)
+            # A video's poster: the keyframe nearest its middle.
+            (img,) = open_frames(source, size, max_pixels, frames=1, seconds=POSTER_SECONDS)
             img.thumbnail((size, size), Image.Resampling.LANCZOS)
         out = BytesIO()
         img.save(out, "JPEG", quality=QUALITY, optimize=True)

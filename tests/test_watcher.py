@@ -278,7 +278,7 @@ def test_a_folder_moved_to_a_hidden_trash_gives_no_photos(root: Path) -> None:
 
 def test_files_that_are_not_photos_are_ignored(root: Path) -> None:
     with watching(root) as calls:
-        for name in ("notes.txt", "clip.mov", ".DS_Store", "._beach.jpg", "Thumbs.db"):
+        for name in ("notes.txt", "song.mp3", ".DS_Store", "._beach.jpg", "Thumbs.db"):
             write(root / name, b"not a photo")
         write(root / ".hidden" / "a.jpg", jpeg_bytes())
         write(root / "@eaDir" / "beach.jpg" / "SYNOPHOTO_THUMB_M.jpg", jpeg_bytes())

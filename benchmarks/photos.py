@@ -49,6 +49,42 @@ def make(folder: Path, count: int, size: tuple[int, int], prefix: str = "photo")
     return paths
 
 
+# A phone's video: 1080p at 30 frames a second, a keyframe a second, ten seconds.
+PHONE_VIDEO = (1920, 1080)
+VIDEO_SECONDS = 10
+VIDEO_FPS = 30
+
+
+def _save_video(path: Path, size: tuple[int, int], seed: int) -> None:
+    import av
+    import numpy as np
+
+    scene = np.asarray(photo(size, seed))
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream("libx264", rate=VIDEO_FPS)
+        stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
+        stream.codec_context.gop_size = VIDEO_FPS
+        stream.codec_context.options = {"preset": "ultrafast"}
+        for i in range(VIDEO_SECONDS * VIDEO_FPS):
+            # A slow pan over the scene: every frame differs, as a filmed one does.
+            frame = av.VideoFrame.from_ndarray(np.roll(scene, i * 4, axis=1), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+
+
+def make_videos(folder: Path, count: int, size: tuple[int, int] = PHONE_VIDEO) -> list[Path]:
+    """Write `count` phone-like MP4s of `size` into `folder` (reused if already there)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"video-{size[0]}x{size[1]}-{i:05}.mp4" for i in range(count)]
+    missing = [(path, i) for i, path in enumerate(paths) if not path.exists()]
+    if missing:
+        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
+            list(pool.map(_save_video, *zip(*[(p, size, i) for p, i in missing], strict=True)))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folder", type=Path)

@@ -462,7 +462,18 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parts = set(
         args.only
-        or ["bare", "loop", "scan", "sidecars", "burst", "latency", "memory", "startup", "labels"]
+        or [
+            "bare",
+            "loop",
+            "scan",
+            "videos",
+            "sidecars",
+            "burst",
+            "latency",
+            "memory",
+            "startup",
+            "labels",
+        ]
     )
 
     print("Generating photos...", flush=True)
@@ -526,6 +537,11 @@ def main() -> int:
             report("ratio_scan_camera_vs_loop",
                    camera["ratio_vs_bare"] / results["ratio_loop_vs_bare"])  # fmt: skip
         report("scan_small", scan_rate(args, small, "small", bare))
+    if "videos" in parts:
+        # Phone videos (1080p, ten seconds): each is a few keyframes, each frame a photo's
+        # worth of model work; videos per second beside the photos per second above.
+        clips = photos.make_videos(args.work / "inputs", max(4, args.count // 8))
+        report("scan_videos", scan_rate(args, clips, "videos", bare))
     if "sidecars" in parts:
         # 2 MP photos: the fastest scan, so where writing a sidecar per photo weighs most.
         report("scan_small_sidecars", sidecar_cost(args, small))

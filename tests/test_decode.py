@@ -579,3 +579,17 @@ def test_a_video_cut_short_is_refused_with_a_reason(tmp_path: Path) -> None:
 
     with pytest.raises(UnreadableImage, match="FFmpeg"):
         open_frames(str(cut), 64, 10**9, 8, 20.0)
+
+
+def test_a_motion_photo_is_tagged_as_its_photo(tmp_path: Path) -> None:
+    """Google's and Samsung's motion photos: a JPEG with its short video appended. The
+    photo is what is tagged; the video inside plays no part."""
+    clip = write_video(tmp_path / "inside.mp4", ["blue"] * 10).read_bytes()
+    still = io.BytesIO()
+    Image.new("RGB", (64, 48), RED).save(still, "JPEG")
+    path = tmp_path / "PXL_20240601_MP.jpg"
+    path.write_bytes(still.getvalue() + clip)
+
+    frames = open_frames(str(path), 32, 10**9, 8, 20.0)
+
+    assert len(frames) == 1 and close_to(frames[0].getpixel((30, 20)), RED)

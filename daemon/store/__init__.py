@@ -8,7 +8,9 @@ front (see sqlite.py); a writer kept out longer than the busy timeout by another
 waits and tries again (schema.waits_for_locks).
 
     schema.py   the URL and file, the engine, waiting out locks, migrations
-    sqlite.py   what is SQLite's own: PRAGMAs, BEGIN IMMEDIATE, upserts, the journal
+    sqlite.py   what is SQLite's own: PRAGMAs, BEGIN IMMEDIATE, the journal
+    postgres.py what is PostgreSQL's own: the connection, advisory locks, retryable errors
+    dialect.py  which of the two, in one place; the upserts both spell alike
     reader.py   queries, tags (people's decisions applied), labels, counts, stored embeddings
     writer.py   the durable queue, results, moves and deletions, re-tags, decisions, and
                 the sidecar outbox

@@ -1,4 +1,4 @@
-"""What is PostgreSQL's own in the store: the connection, locks, upserts, leases' clock.
+"""What is PostgreSQL's own in the store: the connection, the locks, errors worth a retry.
 
 One PostgreSQL database can hold the tags of several hosts (see docs/scaling.md): watchers
 that enqueue, taggers that claim photos under a lease. What differs from SQLite is here and
@@ -10,9 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.dml import Insert
 
 # SQLSTATE classes and codes that pass if the transaction is simply tried again: the
 # server went away or is starting (08, 57P), a deadlock or serialisation failure (40),
@@ -104,18 +102,6 @@ def is_conflict(exc: DBAPIError) -> bool:
     random pause, so that the two writers do not meet again)."""
     code = getattr(exc.orig, "sqlstate", None) or ""
     return code.startswith("40")
-
-
-def upsert(table: type[Any], key: str | tuple[str, ...], **values: Any) -> Insert:
-    keys = (key,) if isinstance(key, str) else key
-    update = {name: value for name, value in values.items() if name not in keys}
-    return insert(table).values(values).on_conflict_do_update(index_elements=keys, set_=update)
-
-
-def upsert_rows(table: type[Any], key: str, rows: list[dict[str, Any]]) -> Insert:
-    stmt = insert(table).values(rows)
-    update = {name: stmt.excluded[name] for name in rows[0] if name != key}
-    return stmt.on_conflict_do_update(index_elements=[key], set_=update)
 
 
 def lock_for_transaction(conn: Connection, key: int) -> None:

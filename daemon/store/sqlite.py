@@ -1,4 +1,4 @@
-"""What is SQLite's own in the store: connection settings, locking, upserts, the journal.
+"""What is SQLite's own in the store: connection settings, locking, the journal.
 
 Everything else in the store is portable SQLAlchemy; postgres.py has the same names for
 PostgreSQL, and dialect.py picks one by the URL.
@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event
-from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.pool import QueuePool
-from sqlalchemy.sql.dml import Insert
 
 # Rows (or ids) per statement: well under SQLite's bound-variable limit.
 CHUNK = 500
@@ -94,21 +92,6 @@ def is_transient(exc: DBAPIError) -> bool:
         return False
     text = str(exc.orig).lower()
     return "locked" in text or "busy" in text
-
-
-def upsert(table: type[Any], key: str | tuple[str, ...], **values: Any) -> Insert:
-    """Insert the row `values` into `table`, or update the row with the same `key` (a
-    unique column, or columns) to them."""
-    keys = (key,) if isinstance(key, str) else key
-    update = {name: value for name, value in values.items() if name not in keys}
-    return insert(table).values(values).on_conflict_do_update(index_elements=keys, set_=update)
-
-
-def upsert_rows(table: type[Any], key: str, rows: list[dict[str, Any]]) -> Insert:
-    """Insert `rows` into `table`, updating the rows with the same `key` to them."""
-    stmt = insert(table).values(rows)
-    update = {name: stmt.excluded[name] for name in rows[0] if name != key}
-    return stmt.on_conflict_do_update(index_elements=[key], set_=update)
 
 
 def leave_wal(file: Path) -> None:

@@ -37,6 +37,13 @@ class UnreadableImage(Exception):
         self.unopened = unopened
 
 
+def unopened(exc: FileNotFoundError | PermissionError) -> UnreadableImage:
+    """The reason for a file this host could not open at all (any decoder's)."""
+    if isinstance(exc, FileNotFoundError):
+        return UnreadableImage("the file was deleted before it could be read", unopened=True)
+    return UnreadableImage("permission denied", unopened=True)
+
+
 def register_heif() -> bool:
     """Teach Pillow HEIC/HEIF (iPhone photos) when pillow-heif is installed."""
     try:
@@ -95,12 +102,8 @@ def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Im
             return _to_rgb(ImageOps.exif_transpose(img))
     except UnreadableImage:
         raise
-    except FileNotFoundError:
-        raise UnreadableImage(
-            "the file was deleted before it could be read", unopened=True
-        ) from None
-    except PermissionError:
-        raise UnreadableImage("permission denied", unopened=True) from None
+    except (FileNotFoundError, PermissionError) as exc:
+        raise unopened(exc) from None
     except IsADirectoryError:
         raise UnreadableImage("is a directory") from None
     except UnidentifiedImageError:

@@ -14,7 +14,7 @@ from typing import Any
 
 from PIL import Image
 
-from .image import UnreadableImage
+from .image import UnreadableImage, unopened
 
 # Frames decoded at most per file, when the video does not say how long it is (some
 # streams do not): decoded from the start, keyframes only.
@@ -33,12 +33,8 @@ def video_frames(path: str, count: int, seconds: float, min_side: int) -> list[I
             # Often a file just created and not written yet.
             raise UnreadableImage("the file is empty", retry=True)
         container = av.open(path, metadata_errors="ignore")
-    except FileNotFoundError:
-        raise UnreadableImage(
-            "the file was deleted before it could be read", unopened=True
-        ) from None
-    except PermissionError:
-        raise UnreadableImage("permission denied", unopened=True) from None
+    except (FileNotFoundError, PermissionError) as exc:
+        raise unopened(exc) from None
     except (av.FFmpegError, OSError, ValueError) as exc:
         raise UnreadableImage(f"not a video FFmpeg can read ({_reason(exc)})") from None
     with container:

@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from .configfile import Loader, describe, one_line
-from .jobs import VIDEO_SUFFIXES
+from .jobs import RAW_SUFFIXES, VIDEO_SUFFIXES
 from .paths import normalise_folder
 
 ENV_VAR = "CLIPTAGD_CONFIG"
@@ -40,7 +40,7 @@ TEMPLATE_LISTS = ("openai", "simple")
 # frame (what a viewer shows as the photo); JPEG XL needs the jxl extra, HEIC the heif one.
 DEFAULT_EXTENSIONS = (
     ".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif",
-    ".avif", ".jxl", *VIDEO_SUFFIXES,
+    ".avif", ".jxl", *RAW_SUFFIXES, *VIDEO_SUFFIXES,
 )  # fmt: skip
 
 # Folders that NAS systems and file managers keep beside photos; never worth tagging.

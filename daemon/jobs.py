@@ -16,12 +16,23 @@ from dataclasses import dataclass
 # Videos: tagged from a few frames (decode/video.py), and `kind` video in the database.
 VIDEO_SUFFIXES = (".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp")
 
+# Camera RAW files: tagged from their embedded preview (decode/raw.py). Still photos, `kind`
+# photo; beside a JPEG of the same name they are one photo with it (see `pairs.py`).
+RAW_SUFFIXES = (
+    ".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf",
+    ".rw2", ".pef", ".srw", ".3fr", ".iiq", ".rwl", ".erf", ".kdc", ".dcr", ".mrw", ".x3f",
+)  # fmt: skip
+
 # What the database's `kind` column holds.
 PHOTO, VIDEO = "photo", "video"
 
 
 def is_video(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in VIDEO_SUFFIXES
+
+
+def is_raw(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in RAW_SUFFIXES
 
 
 def kind_of(path: str) -> str:

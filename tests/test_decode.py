@@ -30,7 +30,7 @@ from cliptagd.jobs import Job, Outcome
 from cliptagd.worker import Worker
 from tests import tinyclip
 from tests.helpers import ConfigFactory, file_modes_enforced, save_picture
-from tests.media import write_sound, write_video
+from tests.media import write_dng, write_sound, write_video
 
 # The model's input side in these tests, and a pixel limit far above any picture made here.
 MIN_SIDE = 224
@@ -593,3 +593,136 @@ def test_a_motion_photo_is_tagged_as_its_photo(tmp_path: Path) -> None:
     frames = open_frames(str(path), 32, 10**9, 8, 20.0)
 
     assert len(frames) == 1 and close_to(frames[0].getpixel((30, 20)), RED)
+
+
+# -- camera RAW files -----------------------------------------------------------------------
+
+GREEN = (30, 190, 40)
+
+
+def test_a_raw_file_is_its_embedded_preview(tmp_path: Path) -> None:
+    # The sensor data is blue and the preview red: the preview is what is decoded.
+    path = write_dng(
+        tmp_path / "IMG_0001.dng",
+        Image.new("RGB", (64, 48), BLUE),
+        preview=Image.new("RGB", (640, 480), RED),
+    )
+
+    img = decode(path, min_side=224)
+
+    assert img.size == (320, 240)  # the JPEG preview, decoded at a reduced scale
+    assert close_to(img.getpixel((100, 100)), RED)
+
+
+@pytest.mark.parametrize("preview", [None, (160, 120)], ids=["no-preview", "preview-too-small"])
+def test_a_raw_file_without_a_large_enough_preview_is_decoded_at_half_size(
+    tmp_path: Path, preview: tuple[int, int] | None
+) -> None:
+    path = write_dng(
+        tmp_path / "IMG_0002.dng",
+        Image.new("RGB", (600, 400), GREEN),
+        preview=None if preview is None else Image.new("RGB", preview, RED),
+    )
+
+    img = decode(path, min_side=224)
+
+    assert img.size == (300, 200)  # each 2x2 block of the sensor is one pixel
+    # LibRaw brightens the developed picture as a camera would: the hue is what stays.
+    r, g, b = img.getpixel((150, 100))
+    assert g > 150 and g > r + 100 and g > b + 100, (r, g, b)
+
+
+@pytest.mark.parametrize("has_preview", [True, False], ids=["preview", "half-size"])
+@pytest.mark.parametrize(
+    ("orientation", "top", "bottom"),
+    [(6, RED, BLUE), (8, BLUE, RED), (3, RED, RED)],
+    ids=["rotate-90-clockwise", "rotate-90-anticlockwise", "rotate-180"],
+)
+def test_a_raw_file_is_turned_upright_like_a_jpeg(
+    tmp_path: Path,
+    has_preview: bool,
+    orientation: int,
+    top: tuple[int, int, int],
+    bottom: tuple[int, int, int],
+) -> None:
+    # As in test_exif_orientation_is_applied: stored landscape, left half red.
+    stored = two_halves((600, 400))
+    path = write_dng(
+        tmp_path / "IMG_0003.dng",
+        stored,
+        preview=stored if has_preview else None,
+        orientation=orientation,
+    )
+    jpeg = tmp_path / "IMG_0003.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    stored.save(jpeg, exif=exif)
+
+    img, reference = decode(path, min_side=64), decode(jpeg, min_side=64)
+
+    # The RAW file shows as the same photo saved as a JPEG with that orientation would.
+    assert (img.width > img.height) == (reference.width > reference.height)
+    for at in (0.1, 0.9):
+        ours = img.getpixel((int(img.width * at), int(img.height * at)))
+        theirs = reference.getpixel((int(reference.width * at), int(reference.height * at)))
+        assert close_to(ours, theirs, tolerance=60), (at, ours, theirs)
+    if orientation != 3:
+        assert close_to(img.getpixel((img.width // 2, 5)), top, tolerance=60)
+        assert close_to(img.getpixel((img.width // 2, img.height - 5)), bottom, tolerance=60)
+
+
+def test_a_raw_file_cut_short_with_no_preview_is_refused_with_a_reason(tmp_path: Path) -> None:
+    whole = write_dng(tmp_path / "whole.dng", noise((200, 160))).read_bytes()
+    cut = tmp_path / "cut.dng"
+    cut.write_bytes(whole[: len(whole) // 2])
+
+    refused = refusal(cut)
+
+    assert "cut short" in str(refused) and refused.retry
+
+
+def test_a_raw_file_cut_short_after_its_preview_is_tagged_by_the_preview(
+    tmp_path: Path,
+) -> None:
+    # The preview comes first in the file: a copy interrupted in the sensor data still
+    # has it. The photo is tagged now, and again when the file changes (a new mtime).
+    whole = write_dng(
+        tmp_path / "whole.dng", noise((400, 300)), preview=Image.new("RGB", (640, 480), RED)
+    ).read_bytes()
+    cut = tmp_path / "cut.dng"
+    cut.write_bytes(whole[: len(whole) * 3 // 4])
+
+    assert close_to(decode(cut).getpixel((100, 100)), RED)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason", "retry"),
+    [
+        (b"", "empty", True),
+        (b"this is not a RAW file at all" * 40, "not a RAW file LibRaw can read", False),
+    ],
+    ids=["empty", "text"],
+)
+def test_a_bad_raw_file_is_refused_with_a_reason(
+    tmp_path: Path, content: bytes, reason: str, retry: bool
+) -> None:
+    path = tmp_path / "DSC_0001.NEF"
+    path.write_bytes(content)
+
+    refused = refusal(path)
+
+    assert reason in str(refused) and refused.retry == retry
+
+
+def test_a_missing_raw_file_is_unopened_here(tmp_path: Path) -> None:
+    refused = refusal(tmp_path / "gone.cr2")
+
+    assert refused.unopened and "deleted" in str(refused)
+
+
+def test_a_raw_file_over_the_pixel_limit_without_a_preview_is_refused(tmp_path: Path) -> None:
+    path = write_dng(tmp_path / "big.dng", Image.new("RGB", (200, 100), GREEN))
+
+    refused = refusal(path, max_pixels=1000)
+
+    assert "worker.max_pixels" in str(refused)

@@ -2,6 +2,7 @@
 for a photo, a few for a video), or a reason.
 
     image.py   still pictures: every format Pillow reads, and the plug-in ones
+    raw.py     camera RAW files: their embedded preview, else a half-size decode (LibRaw)
     video.py   videos: a few keyframes spread over the file (PyAV)
 
 Runs in the worker's decode threads; the decoders release the GIL while they decode.
@@ -9,17 +10,20 @@ Runs in the worker's decode threads; the decoders release the GIL while they dec
 
 from __future__ import annotations
 
+import os
+
 from PIL import Image
 
-from ..jobs import is_video
+from ..jobs import is_raw, is_video
 from .image import (
     HEIF_SUFFIXES,
     NO_HEIF,
     UnreadableImage,
-    open_rgb,
+    open_image,
     register_heif,
     register_plugins,
 )
+from .raw import raw_picture
 from .video import video_frames
 
 __all__ = [
@@ -41,3 +45,11 @@ def open_frames(
     if is_video(path):
         return video_frames(path, frames, seconds, min_side)
     return [open_rgb(path, min_side, max_pixels)]
+
+
+def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Image.Image:
+    """The still picture at `path` (a photo or a RAW file), upright, as RGB, its short side
+    at least `min_side`. Raises UnreadableImage."""
+    if is_raw(os.fspath(path)):
+        return raw_picture(os.fspath(path), min_side, max_pixels)
+    return open_image(path, min_side, max_pixels)

@@ -81,7 +81,7 @@ def _plugin_missing(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Image.Image:
+def open_image(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Image.Image:
     """Decode `path` upright, as RGB, at no less than `min_side` pixels on its short side.
 
     Large JPEGs are decoded at a reduced scale (Pillow's draft mode: the decoder skips
@@ -97,9 +97,9 @@ def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Im
                     "(worker.max_pixels)"
                 )
             if img.format == "JPEG":
-                img.draft("RGB", _draft_size(width, height, min_side))
+                img.draft("RGB", draft_size(width, height, min_side))
             img.load()
-            return _to_rgb(ImageOps.exif_transpose(img))
+            return to_rgb(ImageOps.exif_transpose(img))
     except UnreadableImage:
         raise
     except (FileNotFoundError, PermissionError) as exc:
@@ -131,7 +131,7 @@ def open_rgb(path: str | os.PathLike[str], min_side: int, max_pixels: int) -> Im
         raise UnreadableImage(f"corrupt file ({exc})") from None
 
 
-def _draft_size(width: int, height: int, min_side: int) -> tuple[int, int]:
+def draft_size(width: int, height: int, min_side: int) -> tuple[int, int]:
     # JPEG draft scales by 1/2, 1/4 or 1/8 while the result stays at least the requested size.
     # The scaled decode averages each 8x8 block, so the model's own side is enough: a 12 MP
     # photo comes out at 500x375, and the final resize to 224 still has pixels to smooth from.
@@ -140,7 +140,7 @@ def _draft_size(width: int, height: int, min_side: int) -> tuple[int, int]:
     return (max(1, round(width * scale)), max(1, round(height * scale)))
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode == "RGB":
         return img
     if img.mode in ("I;16", "I;16B", "I;16L", "I"):

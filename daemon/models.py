@@ -91,8 +91,14 @@ class Photo(Base):
     unopened_on: Mapped[str | None] = mapped_column(Text, default=None)
     # photo or video (jobs.kind_of: by extension); `query --kind`.
     kind: Mapped[str] = mapped_column(String(8), default="photo", server_default="photo")
+    # A RAW file's or a Live Photo video's still (pairs.py): its tags are that photo's, copied.
+    pair_of: Mapped[int | None] = mapped_column(Integer, default=None)
 
-    __table_args__ = (Index("ix_photos_status", "status"), Index("ix_photos_size", "size"))
+    __table_args__ = (
+        Index("ix_photos_status", "status"),
+        Index("ix_photos_size", "size"),
+        Index("ix_photos_pair_of", "pair_of"),
+    )
 
 
 class Tag(Base):

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Engine,
     bindparam,
     delete,
+    exists,
     func,
     insert,
     or_,
@@ -33,7 +34,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.orm import aliased
 
+from .. import pairs
 from ..jobs import FileStat, Job, TagScore, kind_of
 from ..models import (
     VISIBLE,
@@ -82,8 +85,18 @@ KEEP_DELETED = timedelta(days=30)
 # The photos the worker may hold: waiting for it, or re-encoded for a new model.
 _CLAIMABLE = (Status.PENDING, Status.STALE)
 
+# A companion (a RAW file, a Live Photo's video: pairs.py) is not encoded while its still is
+# to be: the still's tags are copied to it once it is tagged. A still that failed, or is
+# gone, leaves its companions to be encoded on their own.
+_STILL = aliased(Photo)
+_WAITS_FOR_STILL = exists().where(_STILL.id == Photo.pair_of, _STILL.status.in_(_CLAIMABLE))
+
 # A claimed photo's row as `_job` reads it, oldest first.
-_JOBS = select(Photo.id, Photo.path, Photo.raw_path, Photo.size, Photo.mtime).order_by(Photo.id)
+_JOBS = (
+    select(Photo.id, Photo.path, Photo.raw_path, Photo.size, Photo.mtime)
+    .where(~_WAITS_FOR_STILL)
+    .order_by(Photo.id)
+)
 
 
 class Result(Protocol):
@@ -241,9 +254,11 @@ class Store(Reader):
                 if new and fingerprint is not None and exists is not None:
                     moved = self._recognise_moves(conn, new, fingerprint, exists)
                 new_rows = []
+                touched = []  # the paths whose pairs may have changed
                 for key, stat in by_path.items():
                     row = existing.get(key)
                     file = {"size": stat.size, "mtime": stat.mtime}
+                    touched.append(key)
                     if stat.path in moved:
                         continue
                     if row is None:
@@ -263,11 +278,77 @@ class Store(Reader):
                         self._queue_sidecars(conn, [row.id])
                         continue
                     else:
+                        touched.pop()  # unchanged
                         continue
                     queued += 1
                 if new_rows:
                     conn.execute(insert(Photo), new_rows)
+                self._pair(conn, touched, now)
         return queued
+
+    def _pair(self, conn: Connection, paths: Iterable[str], now: datetime) -> None:
+        """Pair the files sharing a stem with these database paths (pairs.py): each
+        companion points at its still, and one whose still is tagged has its tags now."""
+        for prefix in {p for p in map(pairs.stem_prefix, paths) if p is not None}:
+            # Every path starting with "folder/stem.": an index range, since "/" follows ".".
+            siblings = [
+                row
+                for row in conn.execute(
+                    select(Photo.id, Photo.path, Photo.status, Photo.pair_of).where(
+                        Photo.path >= prefix,
+                        Photo.path < prefix[:-1] + "/",
+                        Photo.status != Status.DELETED,
+                    )
+                )
+                if pairs.same_stem(row.path, prefix)
+            ]
+            still_path = pairs.primary(row.path for row in siblings)
+            still = next((row for row in siblings if row.path == still_path), None)
+            copy = []
+            for row in siblings:
+                if not pairs.is_companion(row.path):
+                    continue
+                pair_of = None if still is None else still.id
+                if row.pair_of != pair_of:
+                    conn.execute(update(Photo).where(Photo.id == row.id).values(pair_of=pair_of))
+                if still is not None and still.status in VISIBLE and row.status != Status.TAGGED:
+                    copy.append(row.id)
+            if copy and still is not None:
+                self._copy_still(conn, still.id, copy, now)
+
+    def _copy_still(
+        self, conn: Connection, still_id: int, companion_ids: Sequence[int], now: datetime
+    ) -> None:
+        """Give these companions their still's tags and embedding, in the caller's
+        transaction: one photo, encoded once."""
+        still = conn.execute(select(Photo.status, Photo.model_id).where(Photo.id == still_id)).one()
+        conn.execute(
+            update(Photo)
+            .where(Photo.id.in_(companion_ids))
+            .values(
+                status=still.status, model_id=still.model_id, tagged_at=now, error=None,
+                attempts=0, retry_at=None, failed_with=None, unopened_on=None,
+                claimed_by=None, lease_until=None,
+            )
+        )  # fmt: skip
+        conn.execute(delete(Tag).where(Tag.photo_id.in_(companion_ids)))
+        tags = [
+            TagScore(row.label_set, row.label, row.score)
+            for row in conn.execute(
+                select(Tag.label_set, Tag.label, Tag.score).where(Tag.photo_id == still_id)
+            )
+        ]
+        _insert_tags(conn, companion_ids, [tags] * len(companion_ids))
+        embedding = conn.execute(
+            select(Embedding.model_id, Embedding.vector).where(Embedding.photo_id == still_id)
+        ).one_or_none()
+        if embedding is not None:
+            rows = [
+                {"photo_id": i, "model_id": embedding.model_id, "vector": embedding.vector}
+                for i in sorted(companion_ids)
+            ]
+            conn.execute(dialect.upsert_rows(conn, Embedding, "photo_id", rows))
+        self._queue_sidecars(conn, companion_ids)
 
     def _recognise_moves(
         self,
@@ -454,7 +535,24 @@ class Store(Reader):
                 conn.execute(update(Photo).where(Photo.id == bindparam("pid")), rows_of_a_kind)
             self._write_outputs(conn, saved, model_id)
             self._queue_sidecars(conn, tagged)
+            self._copy_to_companions(conn, tagged, now)
         return Saved(len(saved), frozenset(failed))
+
+    def _copy_to_companions(
+        self, conn: Connection, still_ids: Sequence[int], now: datetime
+    ) -> None:
+        """The stills just tagged give their tags to their companions (pairs.py)."""
+        companions: dict[int, list[int]] = {}
+        for start in range(0, len(still_ids), CHUNK):
+            for row in conn.execute(
+                select(Photo.id, Photo.pair_of).where(
+                    Photo.pair_of.in_(still_ids[start : start + CHUNK]),
+                    Photo.status != Status.DELETED,
+                )
+            ):
+                companions.setdefault(row.pair_of, []).append(row.id)
+        for still_id, companion_ids in sorted(companions.items()):
+            self._copy_still(conn, still_id, companion_ids, now)
 
     def _result_values(
         self,
@@ -679,10 +777,18 @@ class Store(Reader):
                     Photo.path.in_([text for text, _ in moves.values()]), Photo.id.not_in(moves)
                 )
             )
+            old_paths = list(conn.scalars(select(Photo.path).where(Photo.id.in_(list(moves)))))
             for photo_id, (text, raw) in moves.items():
                 conn.execute(
                     update(Photo).where(Photo.id == photo_id).values(path=text, raw_path=raw)
                 )
+            # Pairs are by folder and name: those the move broke or made are found again.
+            conn.execute(
+                update(Photo)
+                .where(or_(Photo.id.in_(list(moves)), Photo.pair_of.in_(list(moves))))
+                .values(pair_of=None)
+            )
+            self._pair(conn, old_paths + [text for text, _ in moves.values()], _now())
             self._queue_sidecars(conn, list(moves))
             return len(moves)
 

@@ -23,9 +23,12 @@ def write_video(
     keyframe_every: int = 5,
     size: tuple[int, int] = (96, 80),
     seed: int = 3,
+    pictures: Sequence[Image.Image] = (),
+    rotation: int = 0,
 ) -> Path:
     """A video (H.264 in MP4 or MOV, VP8 in WebM, by the suffix) whose frame i shows
-    `colours[i]` as the tiny model's pictures do, frames `seconds_apart` apart."""
+    `colours[i]` as the tiny model's pictures do (or `pictures[i]`), frames `seconds_apart`
+    apart; `rotation` is the display matrix's turn, anticlockwise, as a phone records it."""
     import av
 
     rng = random.Random(seed)
@@ -35,8 +38,11 @@ def write_video(
         stream.width, stream.height, stream.pix_fmt = *size, "yuv420p"
         stream.codec_context.gop_size = keyframe_every
         stream.codec_context.time_base = Fraction(1, 1000)
-        for i, colour in enumerate(colours):
-            picture = np.asarray(tinyclip.picture(colour, rng, size))
+        if rotation:
+            stream.set_display_rotation(rotation)
+        drawn = pictures or [tinyclip.picture(colour, rng, size) for colour in colours]
+        for i, image in enumerate(drawn):
+            picture = np.asarray(image.convert("RGB").resize(size))
             frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
             frame.pts = round(i * seconds_apart * 1000)
             frame.time_base = Fraction(1, 1000)

@@ -572,6 +572,28 @@ def test_a_bad_video_is_refused_with_a_reason(
     assert refused.value.retry is retry
 
 
+@pytest.mark.parametrize(
+    ("rotation", "top", "bottom"),
+    [(-90, RED, BLUE), (90, BLUE, RED)],
+    ids=["rotate-90-clockwise", "rotate-90-anticlockwise"],
+)
+def test_a_video_recorded_sideways_is_turned_upright(
+    tmp_path: Path, rotation: int, top: tuple[int, int, int], bottom: tuple[int, int, int]
+) -> None:
+    # As a phone held upright records: the frames are stored landscape (left half red) and
+    # the display matrix turns them; -90 is EXIF orientation 6, 90 is 8.
+    path = write_video(
+        tmp_path / "portrait.mp4", [], pictures=[two_halves((96, 64))] * 10, size=(96, 64),
+        rotation=rotation,
+    )  # fmt: skip
+
+    (frame, *_) = open_frames(str(path), 32, 10**9, 1, 20.0)
+
+    assert frame.size == (64, 96)
+    assert close_to(frame.getpixel((32, 10)), top, tolerance=40)
+    assert close_to(frame.getpixel((32, 85)), bottom, tolerance=40)
+
+
 def test_a_video_cut_short_is_refused_with_a_reason(tmp_path: Path) -> None:
     whole = write_video(tmp_path / "whole.mp4", ["red"] * 30).read_bytes()
     cut = tmp_path / "cut.mp4"

@@ -86,13 +86,26 @@ def _duration(container: Any, stream: Any) -> float | None:
     return None
 
 
+# The display matrix's turn (degrees anticlockwise, as PyAV reads it) to the transposition
+# that shows the frame upright: phones store a portrait video's frames sideways.
+_UPRIGHT = {
+    90: Image.Transpose.ROTATE_90,
+    -90: Image.Transpose.ROTATE_270,
+    270: Image.Transpose.ROTATE_270,
+    180: Image.Transpose.ROTATE_180,
+    -180: Image.Transpose.ROTATE_180,
+}
+
+
 def _picture(frame: Any, min_side: int) -> Image.Image:
-    """`frame` as RGB, scaled down (never up) so that its short side is about `min_side`."""
+    """`frame` as RGB, upright, scaled down (never up) so that its short side is about
+    `min_side`."""
     width, height = frame.width, frame.height
     scale = min(1.0, 2 * min_side / max(1, min(width, height)))
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
     picture: Image.Image = frame.reformat(width=size[0], height=size[1], format="rgb24").to_image()
-    return picture
+    transpose = _UPRIGHT.get(round(getattr(frame, "rotation", 0) or 0))
+    return picture.transpose(transpose) if transpose is not None else picture
 
 
 def _reason(exc: Exception) -> str:

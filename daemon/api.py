@@ -454,10 +454,12 @@ def similar(
     *,
     min_score: float | None = None,
     index_dir: Path | None = None,
+    kind: Literal["photo", "video"] | None = None,
 ) -> list[Match]:
     """The photos that look most like `photo` (itself left out), best first; NoEmbedding if it
     has none. `index_dir` (see `search_index_dir`): where to keep the search index, much
-    faster from the second search; None reads every embedding from the database."""
+    faster from the second search; None reads every embedding from the database. `kind`:
+    only photos, or only videos (`limit` of them, if there are as many)."""
     from .search import nearest
 
     path = normalise(photo)
@@ -465,7 +467,7 @@ def similar(
     if found is None:
         raise NoEmbedding(f"{display(path)}: no stored embedding (not tagged yet?)")
     model_id, vector = found
-    return nearest(store, model_id, vector, limit, min_score, path, index_dir)
+    return nearest(store, model_id, vector, limit, min_score, path, index_dir, kind)
 
 
 def search_text(
@@ -476,12 +478,14 @@ def search_text(
     *,
     min_score: float | None = None,
     index_dir: Path | None = None,
+    kind: Literal["photo", "video"] | None = None,
 ) -> list[Match]:
-    """The photos that match `text` best (cosine similarity of the embeddings), best first."""
+    """The photos that match `text` best (cosine similarity of the embeddings), best first;
+    `kind`: only photos, or only videos."""
     from .search import nearest
 
     vector = tagger.encode_text(text)
-    return nearest(store, tagger.model_id, vector, limit, min_score, None, index_dir)
+    return nearest(store, tagger.model_id, vector, limit, min_score, None, index_dir, kind)
 
 
 # -- the model ---------------------------------------------------------------------------------

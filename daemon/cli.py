@@ -406,6 +406,7 @@ def _untagged_note(state: PhotoState | None) -> str | None:
     "--limit", type=click.IntRange(1), default=20, show_default=True, help="At most this many."
 )
 @click.option("--min-score", type=click.FloatRange(-1, 1), help="Only this similar or more.")
+@click.option("--kind", type=click.Choice(["photo", "video"]), help="Only photos, or only videos.")
 @format_option
 def search(
     config_path: Path | None,
@@ -413,6 +414,7 @@ def search(
     like: Path | None,
     limit: int,
     min_score: float | None,
+    kind: Literal["photo", "video"] | None,
     fmt: str,
     print0: bool,
 ) -> None:
@@ -425,6 +427,7 @@ def search(
     Example:
       cliptagd search -c config.yaml "a dog running on the beach" --limit 10
       cliptagd search -c config.yaml --like ~/Pictures/beach.jpg --format paths
+      cliptagd search -c config.yaml "fireworks over a harbour" --kind video
     """
     if (text is None) == (like is None):
         raise click.UsageError("Give a TEXT to search for, or --like PHOTO (one of them).")
@@ -433,13 +436,17 @@ def search(
     index = api.search_index_dir(config)
     if like is not None:
         try:
-            matches = api.similar(store, like, limit, min_score=min_score, index_dir=index)
+            matches = api.similar(
+                store, like, limit, min_score=min_score, index_dir=index, kind=kind
+            )
         except api.NoEmbedding as exc:
             raise Failure(str(exc)) from None
     else:
         assert text is not None  # one of the two, checked above
         tagger = _load_tagger(config)
-        matches = api.search_text(store, tagger, text, limit, min_score=min_score, index_dir=index)
+        matches = api.search_text(
+            store, tagger, text, limit, min_score=min_score, index_dir=index, kind=kind
+        )
     records = [{"path": m.path, "score": round(m.score, 4)} for m in matches]
     _print(records, ["path", "score"], fmt, print0)
 

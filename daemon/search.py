@@ -23,10 +23,12 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
+from .jobs import kind_of
 from .store import Reader
 
 log = logging.getLogger(__name__)
@@ -179,12 +181,16 @@ def nearest(
     min_score: float | None = None,
     exclude: str | None = None,
     index_dir: Path | None = None,
+    kind: Literal["photo", "video"] | None = None,
 ) -> list[Match]:
-    """The `limit` stored photos most similar to `query` (a float16 embedding), best first."""
+    """The `limit` stored photos most similar to `query` (a float16 embedding), best first;
+    with `kind` (`photo` or `video`), only those of that kind."""
     segments = VectorIndex(store, model_id, index_dir).open()
     total = sum(len(s.ids) for s in segments)
     q = torch.from_numpy(np.frombuffer(query, dtype=np.float16).copy())
-    # Room for photos deleted since they were stored, and for the excluded one.
+    # Room for photos deleted since they were stored, and for the excluded one. The kind is
+    # filtered here, before the limit, so the loop below widens until `limit` of that kind
+    # are found (or every embedding has been ranked).
     want = limit * 2 + 16
     while True:
         ids, scores = _candidates(segments, q, want)
@@ -195,7 +201,10 @@ def nearest(
         matches = [
             Match(paths[int(i)], float(s))
             for i, s in zip(ids, scores, strict=True)
-            if int(i) in paths and paths[int(i)] != exclude
+            if int(i) in paths
+            and paths[int(i)] != exclude
+            # The kind is the extension's (jobs.kind_of), as the `kind` column is.
+            and (kind is None or kind_of(paths[int(i)]) == kind)
         ]
         if len(matches) >= limit or want >= total:
             return matches[:limit]

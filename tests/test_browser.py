@@ -3,9 +3,10 @@
 The other web tests read the HTML; these look at what a person sees: the login URL becomes
 a cookie, a label's link leads to its photos, every thumbnail loads and shows its photo (its
 pixels are read back in the page), the search box finds photos by a text, a photo's Remove
-button takes its tag away for the command line too, and a file name that is markup stays
-text. The quick test serves a database made with Store, as tests/test_web.py does; the slow
-one runs the real daemon on a real folder with the tiny trained model.
+button takes its tag away for the command line too, a file name that is markup stays
+text, and a video plays in its page. The quick tests serve a database made with Store, as
+tests/test_web.py does; the slow one runs the real daemon on a real folder with the tiny
+trained model.
 
 Chromium is Debian's (/usr/bin/chromium): Playwright's own browser download is not used.
 """
@@ -24,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from cliptagd.config import load_config
+from cliptagd.config import Config, load_config
 from cliptagd.jobs import FileStat, Outcome, TagScore, fingerprint
 from cliptagd.store import Store
 from cliptagd.web import WebServer, create_app
@@ -39,6 +40,7 @@ from tests.helpers import (
     save_picture,
     wait_for,
 )
+from tests.media import write_video
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')"
@@ -135,15 +137,9 @@ def assert_grid_shows(page: Any, colour_of: dict[str, str]) -> None:
 # -- quick: a database made with Store, the app served in this process -------------------------
 
 
-def test_a_label_link_shows_its_photos_and_a_markup_name_stays_text(
-    tmp_path: Path, browser: Any
-) -> None:
-    photos = tmp_path / "photos"
-    rng = random.Random(5)
-    colour_of = {f"{colour}{i}.png": colour for colour in tinyclip.COLOURS for i in range(2)}
-    colour_of[XSS] = "red"  # a real red PNG, named as markup (a valid Linux file name)
-    for name, colour in colour_of.items():
-        save_picture(photos, name, colour, rng)
+def tagged_library(tmp_path: Path, photos: Path, colour_of: dict[str, str]) -> Config:
+    """A config watching `photos`, whose database has each of its files (by name) tagged
+    with its colour, as the daemon would have tagged them."""
     config_path = tmp_path / "config.yaml"
     config_path.write_text(
         yaml.safe_dump(
@@ -156,8 +152,7 @@ def test_a_label_link_shows_its_photos_and_a_markup_name_stays_text(
         )
     )
     config = load_config(config_path)
-    store = Store.open(config.database.url)
-    try:
+    with Store.open(config.database.url) as store:
         store.enqueue(FileStat.of(photos / name) for name in colour_of)
         outcomes = [
             Outcome(
@@ -168,8 +163,19 @@ def test_a_label_link_shows_its_photos_and_a_markup_name_stays_text(
             for job in store.claim(100)
         ]
         store.save_results(outcomes, "test-model", 1)
-    finally:
-        store.close()
+    return config
+
+
+def test_a_label_link_shows_its_photos_and_a_markup_name_stays_text(
+    tmp_path: Path, browser: Any
+) -> None:
+    photos = tmp_path / "photos"
+    rng = random.Random(5)
+    colour_of = {f"{colour}{i}.png": colour for colour in tinyclip.COLOURS for i in range(2)}
+    colour_of[XSS] = "red"  # a real red PNG, named as markup (a valid Linux file name)
+    for name, colour in colour_of.items():
+        save_picture(photos, name, colour, rng)
+    config = tagged_library(tmp_path, photos, colour_of)
     red = {name: c for name, c in colour_of.items() if c == "red"}
 
     server = WebServer(create_app(config, token=TOKEN), "127.0.0.1", 0)
@@ -199,6 +205,69 @@ def test_a_label_link_shows_its_photos_and_a_markup_name_stays_text(
         assert page.eval_on_selector("img.preview", "img => img.naturalWidth") > 0
         assert page.locator("[onerror]").count() == 0
         assert page.locator("img").count() == 1
+        assert dialogs == []
+    finally:
+        server.stop()
+
+
+def test_a_videos_page_plays_it(tmp_path: Path, browser: Any) -> None:
+    """A WebM (VP8, which every Chromium plays) in the grid with a play badge; its page's
+    video element loads its metadata from /original (HTTP Range: 206s) and seeks."""
+    photos = tmp_path / "photos"
+    save_picture(photos, "red0.png", "red", random.Random(5))
+    # 20 frames 0.1 s apart: two seconds of red, green, blue and yellow.
+    write_video(photos / "clip.webm", list(tinyclip.COLOURS) * 5, seconds_apart=0.1)
+    config = tagged_library(tmp_path, photos, {"red0.png": "red", "clip.webm": "red"})
+
+    server = WebServer(create_app(config, token=TOKEN), "127.0.0.1", 0)
+    server.start()
+    dialogs: list[str] = []
+    ranges: list[tuple[int, str | None]] = []
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        page = open_page(browser, dialogs)
+        page.route("**/api/photos/*/scores", lambda route: route.abort())
+
+        def answered(response: Any) -> None:
+            if "/original/" in response.url:
+                ranges.append((response.status, response.headers.get("content-range")))
+
+        page.on("response", answered)
+        page.goto(f"{base}/?token={TOKEN}")
+        page.get_by_role("link", name="red", exact=True).click()
+        page.wait_for_url(f"{base}/query?**")
+        seen = {tile["alt"]: tile for tile in thumbnails(page)}
+        assert set(seen) == {"red0.png", "clip.webm"} and all(t["width"] > 0 for t in seen.values())
+        assert page.locator(".grid a.video .play").count() == 1
+        assert page.locator(".grid a.video img").get_attribute("alt") == "clip.webm"
+
+        page.locator(".grid a.video").click()
+        page.wait_for_url(f"{base}/photo/*")
+        assert page.locator("img.preview").count() == 0
+        video = page.locator("video.preview")
+        assert video.get_attribute("preload") == "metadata"
+        page.wait_for_function(
+            "() => { const v = document.querySelector('video.preview');"
+            " return v.readyState >= 1 || v.error !== null; }"
+        )
+        state = video.evaluate(
+            "v => ({ready: v.readyState, duration: v.duration, width: v.videoWidth,"
+            " height: v.videoHeight, src: v.currentSrc, error: v.error && v.error.code})"
+        )
+        assert state["error"] is None, state
+        assert state["ready"] >= 1 and state["duration"] == pytest.approx(2.0, abs=0.2), state
+        assert (state["width"], state["height"]) == (96, 80)
+        assert state["src"].startswith(f"{base}/original/")
+        # Seeking reads from the middle of the file.
+        at = video.evaluate(
+            "v => new Promise(done => {"
+            " v.addEventListener('seeked', () => done(v.currentTime), {once: true});"
+            " v.currentTime = 1.0; })"
+        )
+        assert at == pytest.approx(1.0, abs=0.1)
+        size = (photos / "clip.webm").stat().st_size
+        assert ranges and all(status in (200, 206) for status, _ in ranges), ranges
+        assert any(status == 206 and f"/{size}" in (cr or "") for status, cr in ranges), ranges
         assert dialogs == []
     finally:
         server.stop()

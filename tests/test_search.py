@@ -1,4 +1,5 @@
-"""The search index beside the database: one model's embeddings at a time, never mixed."""
+"""The search index beside the database: one model's embeddings at a time, never mixed; and
+the kind filter (only photos, or only videos), applied before the limit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
+from click.testing import CliRunner
 
+from cliptagd import api
+from cliptagd.cli import cli
 from cliptagd.jobs import FileStat, Outcome
 from cliptagd.search import nearest
 from cliptagd.store import Store
@@ -74,3 +79,76 @@ def test_a_model_change_keeps_each_models_index_apart(store: Store, tmp_path: Pa
     assert found == nearest(store, "new-model", rest[4].tobytes(), limit=3, index_dir=None)
     assert len(list(index.iterdir())) == 1
     assert nearest(store, "old-model", old[15].tobytes(), index_dir=index) == []
+
+
+# -- only photos, or only videos ---------------------------------------------------------------
+
+PHOTOS = [f"/k/{i:02}.jpg" for i in range(40)]
+VIDEOS = [f"/k/{i:02}.webm" for i in range(10)]
+
+
+def around(direction: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """`count` unit vectors close to `direction` (a unit vector), float16."""
+    noise = np.random.default_rng(seed).standard_normal((count, len(direction))) * 0.1
+    v = direction + noise
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float16)
+
+
+@pytest.fixture
+def photos_and_videos(store: Store) -> np.ndarray:
+    """40 photos whose embeddings point one way and 10 videos pointing the opposite way: a
+    search from a photo ranks every video below every photo. Returns the photos' vectors."""
+    e = np.zeros(32)
+    e[0] = 1.0
+    photos, videos = around(e, len(PHOTOS), seed=4), around(-e, len(VIDEOS), seed=5)
+    store.enqueue(FileStat(p, 1, 1.0) for p in PHOTOS + VIDEOS)
+    encode(store, PHOTOS + VIDEOS, "m", np.concatenate([photos, videos]))
+    return photos
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_the_kind_is_filtered_before_the_limit(
+    store: Store, photos_and_videos: np.ndarray, tmp_path: Path, indexed: bool
+) -> None:
+    index = tmp_path / "search" if indexed else None
+    query = photos_and_videos[0].tobytes()
+    everything = nearest(store, "m", query, limit=100, index_dir=index)
+    assert len(everything) == 50 and {m.path for m in everything[:40]} == set(PHOTOS)
+
+    # The ten best are photos; asked for videos, the search looks further, to the last ones.
+    assert all(m.path in PHOTOS for m in nearest(store, "m", query, limit=10, index_dir=index))
+    videos = nearest(store, "m", query, limit=10, index_dir=index, kind="video")
+    assert videos == [m for m in everything if m.path in VIDEOS]
+    assert [m.path for m in nearest(store, "m", query, 3, index_dir=index, kind="video")] == [
+        m.path for m in videos[:3]
+    ]
+    assert nearest(store, "m", query, limit=20, index_dir=index, kind="video") == videos
+    photos = nearest(store, "m", query, limit=5, index_dir=index, kind="photo")
+    assert photos == everything[:5]
+    # With a minimum score the videos (all below zero) are not found at all.
+    assert nearest(store, "m", query, 10, min_score=0.0, index_dir=index, kind="video") == []
+
+
+def test_search_like_a_photo_by_kind_through_the_api_and_the_cli(
+    store: Store, photos_and_videos: np.ndarray, db_url: str, tmp_path: Path
+) -> None:
+    found = api.similar(store, PHOTOS[0], 4, kind="video", index_dir=tmp_path / "search")
+    assert len(found) == 4 and all(m.path in VIDEOS for m in found)
+    assert [m.path for m in api.similar(store, PHOTOS[0], 4, kind="photo")] == [
+        m.path for m in api.similar(store, PHOTOS[0], 4)
+    ]
+
+    config = tmp_path / "config.yaml"
+    settings = {
+        "watch": {"paths": [str(tmp_path)]},
+        "database": {"url": db_url},
+        "cache_dir": str(tmp_path / "cache"),
+        "label_sets": {"colour": {"labels": ["red", "green"]}},
+    }
+    config.write_text(yaml.safe_dump(settings))
+    search = ["search", "-c", str(config), "--like", PHOTOS[0], "--limit", "4", "--format", "paths"]
+    result = CliRunner().invoke(cli, [*search, "--kind", "video"], catch_exceptions=False)
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.splitlines() == [m.path for m in found]
+    bad = CliRunner().invoke(cli, [*search, "--kind", "film"])
+    assert bad.exit_code == 2 and "'film' is not one of 'photo', 'video'" in bad.stderr

@@ -30,11 +30,12 @@ from PIL import Image
 
 from cliptagd import api
 from cliptagd.config import Config, ConfigError, load_config
-from cliptagd.jobs import FileStat, Outcome, TagScore, fingerprint
+from cliptagd.jobs import VIDEO_SUFFIXES, FileStat, Outcome, TagScore, fingerprint
 from cliptagd.records import TAG_COLUMNS, status_record, tag_record, with_raw_path
 from cliptagd.store import Store, TagQuery
 from cliptagd.web import ListenError, WebServer, create_app, load_token, login_url, prune
 from cliptagd.web.auth import COOKIE, CSP, derived
+from cliptagd.web.files import VIDEO_TYPES
 
 TOKEN = "s3cret-token-for-tests"
 BEARER = {"Authorization": f"Bearer {TOKEN}"}
@@ -459,6 +460,126 @@ def test_the_original_file_with_ranges(world: World) -> None:
     xss = world.client.get(f"/original/{world.ids[XSS]}")
     assert xss.status_code == 200
     assert xss.headers["content-disposition"].startswith("inline; filename*=utf-8''%3Cimg")
+
+
+# -- videos ------------------------------------------------------------------------------------
+
+
+def add_tagged(world: World, path: Path, embedding: bytes | None = None) -> int:
+    """Tag one more file (a beach, 0.85) as the daemon would; its id."""
+    world.store.enqueue([FileStat.of(path)])
+    job = next(job for job in world.store.claim(100) if job.path == str(path))
+    outcome = Outcome(
+        job,
+        tags=(TagScore("scene", "beach", 0.85),),
+        fingerprint=fingerprint(path),
+        embedding=embedding,
+    )
+    world.store.save_results([outcome], MODEL, 1)
+    return world.store.photo_ids([str(path)])[str(path)]
+
+
+@pytest.fixture
+def video(world: World) -> int:
+    """A real WebM (VP8) in the world, tagged, with an embedding; its id."""
+    from tests.media import write_video
+
+    path = write_video(world.photos / "clip.webm", ["red", "green", "blue"] * 4)
+    return add_tagged(world, path, vector(random.Random(11)))
+
+
+def test_a_video_is_served_inline_with_ranges(world: World, video: int) -> None:
+    world.login()
+    data = (world.photos / "clip.webm").read_bytes()
+    size = len(data)
+    whole = world.client.get(f"/original/{video}")
+    assert whole.status_code == 200 and whole.content == data
+    assert whole.headers["content-type"] == "video/webm"
+    assert whole.headers["content-disposition"] == 'inline; filename="clip.webm"'
+    assert whole.headers["accept-ranges"] == "bytes"
+    # What a browser asks as it starts to play, then seeks; and the last bytes.
+    for asked, first, last in (
+        ("0-", 0, size - 1),
+        ("100-199", 100, 199),
+        ("-50", size - 50, size - 1),
+    ):
+        part = world.client.get(f"/original/{video}", headers={"Range": f"bytes={asked}"})
+        assert part.status_code == 206, asked
+        assert part.headers["content-range"] == f"bytes {first}-{last}/{size}"
+        assert part.content == data[first : last + 1]
+        assert part.headers["content-type"] == "video/webm"
+    for unsatisfiable in (f"bytes={size}-", f"bytes={size + 10}-{size + 20}"):
+        past = world.client.get(f"/original/{video}", headers={"Range": unsatisfiable})
+        assert past.status_code == 416, unsatisfiable
+        assert past.headers["content-range"] == f"bytes */{size}"
+
+    # Every video suffix the daemon tags is served inline, with its type.
+    assert set(VIDEO_TYPES) == set(VIDEO_SUFFIXES)
+    for suffix, media_type in VIDEO_TYPES.items():
+        other = world.photos / f"other{suffix}"
+        other.write_bytes(b"served, never decoded" * 10)
+        response = world.client.get(f"/original/{add_tagged(world, other)}")
+        assert response.headers["content-type"] == media_type, suffix
+        assert response.headers["content-disposition"].startswith("inline;"), suffix
+    # Still only inside the watched folders.
+    outside = world.root / "outside" / "secret.webm"
+    outside.write_bytes(data)
+    os.symlink(outside, world.photos / "escape.webm")
+    escape = add_tagged(world, world.photos / "escape.webm")
+    assert world.client.get(f"/original/{escape}").status_code == 404
+    assert world.client.get(f"/photo/{escape}").status_code == 404
+
+
+def test_a_videos_page_plays_it_and_the_grid_marks_it(world: World, video: int) -> None:
+    world.login()
+    html = world.client.get(f"/photo/{video}").text
+    assert (
+        f'<video class="preview" controls preload="metadata" poster="/thumb/{video}?size=1024"'
+    ) in html
+    assert f'<source src="/original/{video}" type="video/webm">' in html
+    assert '<img class="preview"' not in html
+    assert "<video" not in world.client.get(f"/photo/{world.ids['a.jpg']}").text
+    poster = world.client.get(f"/thumb/{video}?size=1024")
+    assert poster.status_code == 200 and poster.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(poster.content)).size == (96, 80)
+
+    # The grid: the video's tile has a play badge, a photo's none; ?kind= picks one kind.
+    beach = world.client.get("/query?tag=beach").text
+    assert beach.count('class="play"') == 1
+    assert f'<a href="/photo/{video}" class="video">' in beach
+    videos = world.client.get("/api/query?tag=beach&kind=video", headers=BEARER).json()
+    assert [r["id"] for r in videos] == [video]
+    assert world.client.get(f"/api/photos/{video}", headers=BEARER).json()["kind"] == "video"
+    a = world.client.get(f"/api/photos/{world.ids['a.jpg']}", headers=BEARER).json()
+    assert a["kind"] == "photo"
+
+
+def test_search_by_kind(world: World, video: int) -> None:
+    world.login()
+    a = world.ids["a.jpg"]
+
+    def found(url: str) -> set[int]:
+        response = world.client.get(url, headers=BEARER)
+        assert response.status_code == 200, response.text
+        return {r["id"] for r in response.json()}
+
+    everything = {world.ids["b.png"], world.ids["sub/c.jpg"], video}
+    assert found(f"/api/search?like={a}") == everything
+    assert found(f"/api/search?like={a}&kind=video") == {video}
+    assert found(f"/api/search?like={a}&kind=photo&limit=2") == everything - {video}
+    assert found(f"/api/search?like={video}&kind=video") == set()
+    bad = world.client.get(f"/api/search?like={a}&kind=film", headers=BEARER)
+    assert bad.status_code == 400 and "kind" in bad.json()["detail"]
+
+    page = world.client.get(f"/search?like={a}&kind=video").text
+    assert page.count('<img src="/thumb/') == 1 and page.count('class="play"') == 1
+    assert "Videos that look like a.jpg" in page
+    # The kind stays for the next search typed in the box; the other kinds are a link away.
+    assert '<input type="hidden" name="kind" value="video">' in page
+    assert "<b>videos</b>" in page
+    assert f'<a href="?like={a}">all</a>' in page
+    assert f'<a href="?like={a}&amp;kind=photo">photos</a>' in page
+    assert 'name="kind"' not in world.client.get(f"/search?like={a}").text
 
 
 # -- the API -----------------------------------------------------------------------------------

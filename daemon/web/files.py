@@ -1,7 +1,7 @@
 """The photos themselves: thumbnails and original files, by database id only.
 
     /thumb/{id}?size=256|1024   a JPEG made on demand and kept (thumbs.py); ETag and 304
-    /original/{id}              the file, with HTTP Range (resumable, seekable)
+    /original/{id}              the file, with HTTP Range (resumable, seekable: videos play)
 
 Which photos may be served is the library's rule (library.py): shown by the queries, a
 regular file, inside a watched folder. A thumbnail request for a cached thumbnail is one
@@ -32,6 +32,22 @@ IMAGE_TYPES = {
     ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
     ".heic": "image/heic", ".heif": "image/heif", ".avif": "image/avif", ".jxl": "image/jxl",
 }  # fmt: skip
+# Videos, played by the <video> element of a photo's page when the browser can decode them
+# (H.264 MP4 everywhere, WebM nearly so; HEVC, AVI and Matroska vary: else the page shows
+# the poster and the link to the file). These run nothing either. One for each of
+# jobs.VIDEO_SUFFIXES (a test checks).
+VIDEO_TYPES = {
+    ".mp4": "video/mp4", ".m4v": "video/mp4", ".mov": "video/quicktime",
+    ".webm": "video/webm", ".mkv": "video/x-matroska", ".avi": "video/x-msvideo",
+    ".3gp": "video/3gpp",
+}  # fmt: skip
+INLINE_TYPES = IMAGE_TYPES | VIDEO_TYPES
+
+
+def inline_type(path: str) -> str | None:
+    """The media type a file is served inline with (a picture or a video), by its
+    extension; None for a download."""
+    return INLINE_TYPES.get(os.path.splitext(path)[1].lower())
 
 
 def placeholder() -> Response:
@@ -69,7 +85,9 @@ def thumbnail(
 def original(photo_id: PhotoId, lib: Lib) -> FileResponse:
     info, real, st = lib.servable(photo_id, shown_only=True)
     name = display(os.path.basename(info.path))
-    media_type = IMAGE_TYPES.get(os.path.splitext(name)[1].lower())
+    # Starlette's FileResponse answers Range requests (206, or 416 past the end): a video
+    # plays from any point without being downloaded whole first.
+    media_type = inline_type(name)
     return FileResponse(
         real,
         stat_result=st,

@@ -2,8 +2,9 @@
 
     /                   the label sets with their labels and counts, the status, a search box
     /query?tag=beach    the matching photos, a page at a time (the API's query parameters)
-    /search?q=TEXT      photos by a text; ?like={id}: photos that look like a photo
-    /photo/{id}         a large preview, its tags and your decisions, every label's score
+    /search?q=TEXT      photos by a text; ?like={id}: photos that look like a photo; &kind=video
+    /photo/{id}         a large preview (a video plays), its tags and your decisions, every
+                        label's score
     /failures           which files failed and why
 
 Every page lists photos as a grid of thumbnails (files.py serves them). A page runs one
@@ -23,13 +24,15 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.templating import Jinja2Templates
 
+from ..jobs import VIDEO, kind_of
 from ..models import VISIBLE, Status
 from ..paths import display
 from ..store import TagQuery, TagRow
 from .auth import CSRF_FIELD, check_csrf
 from .errors import BadRequest, Conflict, Unavailable, WebError
+from .files import inline_type
 from .library import MAX_ID, Library
-from .params import DEFAULT_LIMIT, tag_query, with_params
+from .params import DEFAULT_LIMIT, Kind, tag_query, with_params
 from .routes_api import Lib, PhotoId, decide, run_query, search
 
 router = APIRouter(include_in_schema=False)
@@ -47,6 +50,11 @@ class Tile:
     id: int
     name: str  # the file name, the thumbnail's alt text
     caption: str
+    video: bool = False  # shown with a play badge
+
+
+def tile(photo_id: int, path: str, caption: str) -> Tile:
+    return Tile(photo_id, file_name(path), caption, kind_of(path) == VIDEO)
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,8 +84,7 @@ def tiles_of(rows: list[TagRow]) -> list[Tile]:
         _, tags = by_photo.setdefault(row.photo_id, (row.path, []))
         tags.append(f"{row.label} {'(you)' if row.decided else f'{row.score:.2f}'}")
     return [
-        Tile(photo_id, file_name(path), ", ".join(tags[:3]))
-        for photo_id, (path, tags) in by_photo.items()
+        tile(photo_id, path, ", ".join(tags[:3])) for photo_id, (path, tags) in by_photo.items()
     ]
 
 
@@ -153,22 +160,30 @@ def search_page(
     lib: Lib,
     q: str | None = None,
     like: Annotated[int | None, Query(ge=1, le=MAX_ID)] = None,
+    kind: Kind | None = None,
 ) -> HTMLResponse:
     text = q if q and q.strip() else None
     if text is None and like is None:
-        return render(request, "search.html", title="Search", tiles=[], note=None)
-    title = f"Photos like “{text}”" if text is not None else "More like this"
+        return render(request, "search.html", title="Search", tiles=[], note=None, kind=kind)
+    what = "Videos" if kind == VIDEO else "Photos"
+    title = f"{what} like “{text}”" if text is not None else "More like this"
     if like is not None:
-        title = f"Photos that look like {file_name(lib.photo(like).path)}"
+        title = f"{what} that look like {file_name(lib.photo(like).path)}"
+    pairs = list(request.query_params.multi_items())
+    kinds = [
+        (name, with_params(pairs, kind=k), k == kind)
+        for name, k in (("all", None), ("photos", "photo"), ("videos", "video"))
+    ]
+    page: dict[str, Any] = {"title": title, "q": text, "kind": kind, "kinds": kinds}
     try:
-        found = search(lib, text, like, DEFAULT_LIMIT, None)
+        found = search(lib, text, like, DEFAULT_LIMIT, None, kind)
     except (Unavailable, Conflict) as exc:
         return render(
-            request, "search.html", title=title, tiles=[], note=exc.message, q=text,
-            status_code=exc.status, reload=exc.retry_after,
+            request, "search.html", tiles=[], note=exc.message, status_code=exc.status,
+            reload=exc.retry_after, **page,
         )  # fmt: skip
-    tiles = [Tile(i, file_name(path), f"{score:.3f}") for i, path, score in found]
-    return render(request, "search.html", title=title, tiles=tiles, note=None, q=text)
+    tiles = [tile(i, path, f"{score:.3f}") for i, path, score in found]
+    return render(request, "search.html", tiles=tiles, note=None, **page)
 
 
 @router.get("/photo/{photo_id}", response_class=HTMLResponse)
@@ -187,6 +202,8 @@ def photo_page(request: Request, photo_id: PhotoId, lib: Lib) -> HTMLResponse:
         "photo.html",
         title=file_name(info.path),
         info=info,
+        # A video plays in the page (its thumbnail is the poster); a picture is shown.
+        video_type=inline_type(info.path) if kind_of(info.path) == VIDEO else None,
         path=display(info.path),
         shown=shown,
         size=human_size(info.size),

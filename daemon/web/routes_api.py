@@ -8,7 +8,7 @@ both), plus the photo's database `id`, the address of its page, thumbnail and fi
     GET    /api/photos/{id}                      a photo, its tags and the decisions on it
     GET    /api/photos/{id}/scores               like `cliptagd tags --all` (loads the model)
     GET    /api/labels                           like `cliptagd labels`
-    GET    /api/search?q=TEXT  or  ?like={id}    like `cliptagd search`
+    GET    /api/search?q=TEXT  or  ?like={id}    like `cliptagd search` (&kind=video)
     GET    /api/status                           exactly `cliptagd status --format json`
     POST   /api/decisions {id, set, label, action: add|remove}   like `cliptagd tag add|remove`
     DELETE /api/decisions {id, set?, label?}                      like `cliptagd tag clear`
@@ -26,13 +26,14 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import api
+from ..jobs import kind_of
 from ..paths import display
 from ..records import status_record, tag_record, with_raw_path
 from ..store import PhotoInfo, TagQuery, TagRow
 from .auth import CSRF_HEADER, check_csrf
 from .errors import BadRequest, Conflict, NotFound
 from .library import MAX_ID, Library
-from .params import MAX_LIMIT, tag_query
+from .params import MAX_LIMIT, Kind, tag_query
 
 router = APIRouter(prefix="/api", tags=["api"])
 
@@ -66,6 +67,7 @@ def photo_record(lib: Library, info: PhotoInfo) -> dict[str, Any]:
     return {
         "id": info.id,
         **with_raw_path({"path": info.path}),
+        "kind": kind_of(info.path),
         "status": info.status,
         "error": info.error,
         "size": info.size,
@@ -101,9 +103,15 @@ def run_query(lib: Library, q: TagQuery) -> list[TagRow]:
 
 
 def search(
-    lib: Library, text: str | None, like: int | None, limit: int, min_score: float | None
+    lib: Library,
+    text: str | None,
+    like: int | None,
+    limit: int,
+    min_score: float | None,
+    kind: Kind | None = None,
 ) -> list[tuple[int, str, float]]:
-    """`cliptagd search`: (id, path, score) of the best matches of a text or a photo."""
+    """`cliptagd search`: (id, path, score) of the best matches of a text or a photo (only
+    photos, or only videos, with `kind`)."""
     if (text is None) == (like is None):
         raise BadRequest("Give q (a text to search for) or like (a photo id), one of them.")
     index = api.search_index_dir(lib.config)
@@ -111,7 +119,7 @@ def search(
         info = lib.photo(like)
         try:
             matches = api.similar(
-                lib.reader, info.path, limit, min_score=min_score, index_dir=index
+                lib.reader, info.path, limit, min_score=min_score, index_dir=index, kind=kind
             )
         except api.NoEmbedding:
             raise Conflict(f"Photo {like} has no stored embedding (not tagged yet?)") from None
@@ -121,7 +129,7 @@ def search(
             raise BadRequest("q: give a text to search for")
         tagger = lib.tagger()
         matches = api.search_text(
-            lib.reader, tagger, text, limit, min_score=min_score, index_dir=index
+            lib.reader, tagger, text, limit, min_score=min_score, index_dir=index, kind=kind
         )
     ids = lib.reader.photo_ids([match.path for match in matches])
     return [(ids[m.path], m.path, m.score) for m in matches if m.path in ids]
@@ -203,8 +211,9 @@ def get_search(
     like: Annotated[int | None, Query(ge=1, le=MAX_ID, description="A photo's id.")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_LIMIT)] = 100,
     min_score: Annotated[float | None, Query(ge=-1, le=1)] = None,
+    kind: Annotated[Kind | None, Query(description="Only photos, or only videos.")] = None,
 ) -> JSONResponse:
-    found = search(lib, q, like, limit, min_score)
+    found = search(lib, q, like, limit, min_score, kind)
     return JSONResponse(
         [{"id": i, **with_raw_path({"path": path}), "score": round(s, 4)} for i, path, s in found]
     )

@@ -91,12 +91,16 @@ class Photo(Base):
     unopened_on: Mapped[str | None] = mapped_column(Text, default=None)
     # photo or video (jobs.kind_of: by extension); `query --kind`.
     kind: Mapped[str] = mapped_column(String(8), default="photo", server_default="photo")
-    # A RAW file's or a Live Photo video's still (pairs.py): its tags are that photo's, copied.
+    # The folder and stem a file shares with the other files of its pair (pairs.stem_prefix:
+    # "folder/IMG_1."), NULL for a file never paired; and a RAW file's or a Live Photo
+    # video's still: its tags are that photo's, copied.
+    pair_stem: Mapped[str | None] = mapped_column(PathText, default=None)
     pair_of: Mapped[int | None] = mapped_column(Integer, default=None)
 
     __table_args__ = (
         Index("ix_photos_status", "status"),
         Index("ix_photos_size", "size"),
+        Index("ix_photos_pair_stem", "pair_stem"),
         Index("ix_photos_pair_of", "pair_of"),
     )
 

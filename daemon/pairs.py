@@ -23,18 +23,28 @@ LIVE_PHOTO_VIDEOS = (".mov",)
 COMPANIONS = (*RAW_SUFFIXES, *LIVE_PHOTO_VIDEOS)
 
 
+_PAIRED = frozenset((*STILLS, *COMPANIONS))
+_COMPANIONS = frozenset(COMPANIONS)
+
+
 def _suffix(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
 def is_companion(path: str) -> bool:
-    return _suffix(path) in COMPANIONS
+    return _suffix(path) in _COMPANIONS
+
+
+def any_companion(stem: str, paths: Iterable[str]) -> bool:
+    """Whether any of `paths`, files of the stem `stem` (see stem_prefix), is a companion:
+    read from what follows the stem, so a folder of JPEGs costs no path parsing."""
+    return any("." + path[len(stem) :].lower() in _COMPANIONS for path in paths)
 
 
 def stem_prefix(path: str) -> str | None:
     """What every member of `path`'s pair starts with (its folder and stem, and the dot),
     or None when a file with this suffix is never part of a pair."""
-    if _suffix(path) not in (*STILLS, *COMPANIONS):
+    if _suffix(path) not in _PAIRED:
         return None
     return os.path.splitext(path)[0] + "."
 

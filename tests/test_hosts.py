@@ -341,4 +341,4 @@ def test_hosts_starting_at_once_on_an_empty_database_migrate_it_once(pg_url: str
     for thread in threads:
         thread.join()
     assert not errors
-    assert pg_rows(pg_url, "SELECT version_num FROM alembic_version") == [("0008",)]
+    assert pg_rows(pg_url, "SELECT version_num FROM alembic_version") == [("0009",)]

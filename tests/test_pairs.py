@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -143,3 +144,33 @@ def test_names_that_only_look_alike_are_not_pairs(store: Store) -> None:
     )
 
     assert len(store.claim(10)) == 4
+
+
+def test_a_database_from_before_pairs_learns_its_stems(tmp_path: Path) -> None:
+    from alembic import command
+
+    from cliptagd.store.schema import alembic
+
+    store = Store(f"sqlite:///{tmp_path / 'old.db'}")
+    cfg, _ = alembic()
+    with store.engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0008")
+        for path in ("/card/F.JPG", "/card/notes.txt"):
+            conn.exec_driver_sql(
+                "INSERT INTO photos (path, size, mtime, status, attempts, queued_at, kind) "
+                f"VALUES ('{path}', 10, 1.0, 'tagged', 0, '2026-01-01 00:00:00', 'photo')"
+            )
+        conn.exec_driver_sql(
+            "INSERT INTO tags (photo_id, label_set, label, score) VALUES (1, 'colour', 'red', 0.9)"
+        )
+    store.migrate()
+    with store.engine.connect() as conn:
+        stems = dict(conn.execute(select(Photo.path, Photo.pair_stem)).all())
+    assert stems == {"/card/F.JPG": "/card/F.", "/card/notes.txt": None}
+
+    # A RAW file copied in later joins the photo tagged before the upgrade.
+    store.enqueue([file("/card/F.CR3")])
+
+    assert labels(store, "/card/F.CR3") == ["red"]
+    store.close()

@@ -254,11 +254,13 @@ class Store(Reader):
                 if new and fingerprint is not None and exists is not None:
                     moved = self._recognise_moves(conn, new, fingerprint, exists)
                 new_rows = []
-                touched = []  # the paths whose pairs may have changed
+                stems = []  # of the files whose pairs may have changed
                 for key, stat in by_path.items():
                     row = existing.get(key)
                     file = {"size": stat.size, "mtime": stat.mtime}
-                    touched.append(key)
+                    stem = pairs.stem_prefix(key)
+                    if stem is not None:
+                        stems.append(stem)
                     if stat.path in moved:
                         continue
                     if row is None:
@@ -266,7 +268,12 @@ class Store(Reader):
                         new_rows.append(
                             _queued(now)
                             | file
-                            | {"path": text, "raw_path": raw, "kind": kind_of(stat.path)}
+                            | {
+                                "path": text,
+                                "raw_path": raw,
+                                "kind": kind_of(stat.path),
+                                "pair_stem": stem,
+                            }
                         )
                     elif (row.size, row.mtime) != (stat.size, stat.mtime):
                         changed = _queued(now) | file
@@ -278,43 +285,44 @@ class Store(Reader):
                         self._queue_sidecars(conn, [row.id])
                         continue
                     else:
-                        touched.pop()  # unchanged
+                        if stem is not None:
+                            stems.pop()  # unchanged
                         continue
                     queued += 1
                 if new_rows:
                     conn.execute(insert(Photo), new_rows)
-                self._pair(conn, touched, now)
+                self._pair(conn, stems, now)
         return queued
 
-    def _pair(self, conn: Connection, paths: Iterable[str], now: datetime) -> None:
-        """Pair the files sharing a stem with these database paths (pairs.py): each
-        companion points at its still, and one whose still is tagged has its tags now."""
-        for prefix in {p for p in map(pairs.stem_prefix, paths) if p is not None}:
-            # Every path starting with "folder/stem.": an index range, since "/" follows ".".
-            siblings = [
-                row
-                for row in conn.execute(
-                    select(Photo.id, Photo.path, Photo.status, Photo.pair_of).where(
-                        Photo.path >= prefix,
-                        Photo.path < prefix[:-1] + "/",
-                        Photo.status != Status.DELETED,
-                    )
+    def _pair(self, conn: Connection, stems: Iterable[str], now: datetime) -> None:
+        """Pair the files of these stems (pairs.stem_prefix): each companion points at its
+        still, and one whose still is tagged has its tags now."""
+        for chunk in _chunks(sorted(set(stems)), CHUNK):
+            found: dict[str, list[Any]] = {}
+            for row in conn.execute(
+                select(Photo.id, Photo.path, Photo.pair_stem, Photo.status, Photo.pair_of).where(
+                    Photo.pair_stem.in_(chunk), Photo.status != Status.DELETED
                 )
-                if pairs.same_stem(row.path, prefix)
-            ]
-            still_path = pairs.primary(row.path for row in siblings)
-            still = next((row for row in siblings if row.path == still_path), None)
-            copy = []
-            for row in siblings:
-                if not pairs.is_companion(row.path):
-                    continue
-                pair_of = None if still is None else still.id
-                if row.pair_of != pair_of:
-                    conn.execute(update(Photo).where(Photo.id == row.id).values(pair_of=pair_of))
-                if still is not None and still.status in VISIBLE and row.status != Status.TAGGED:
-                    copy.append(row.id)
-            if copy and still is not None:
-                self._copy_still(conn, still.id, copy, now)
+            ):
+                found.setdefault(row.pair_stem, []).append(row)
+            for stem, siblings in found.items():
+                if pairs.any_companion(stem, (row.path for row in siblings)):
+                    self._pair_stem(conn, siblings, now)
+
+    def _pair_stem(self, conn: Connection, siblings: Sequence[Any], now: datetime) -> None:
+        still_path = pairs.primary(row.path for row in siblings)
+        still = next((row for row in siblings if row.path == still_path), None)
+        copy = []
+        for row in siblings:
+            if not pairs.is_companion(row.path):
+                continue
+            pair_of = None if still is None else still.id
+            if row.pair_of != pair_of:
+                conn.execute(update(Photo).where(Photo.id == row.id).values(pair_of=pair_of))
+            if still is not None and still.status in VISIBLE and row.status != Status.TAGGED:
+                copy.append(row.id)
+        if copy and still is not None:
+            self._copy_still(conn, still.id, copy, now)
 
     def _copy_still(
         self, conn: Connection, still_id: int, companion_ids: Sequence[int], now: datetime
@@ -393,7 +401,12 @@ class Store(Reader):
                     update(Photo)
                     .where(Photo.id == row.id)
                     .values(
-                        path=text, raw_path=raw, mtime=stat.mtime, status=status, deleted_at=None
+                        path=text,
+                        raw_path=raw,
+                        pair_stem=pairs.stem_prefix(text),
+                        mtime=stat.mtime,
+                        status=status,
+                        deleted_at=None,
                     )
                 )
                 self._queue_sidecars(conn, [row.id])
@@ -780,7 +793,9 @@ class Store(Reader):
             old_paths = list(conn.scalars(select(Photo.path).where(Photo.id.in_(list(moves)))))
             for photo_id, (text, raw) in moves.items():
                 conn.execute(
-                    update(Photo).where(Photo.id == photo_id).values(path=text, raw_path=raw)
+                    update(Photo)
+                    .where(Photo.id == photo_id)
+                    .values(path=text, raw_path=raw, pair_stem=pairs.stem_prefix(text))
                 )
             # Pairs are by folder and name: those the move broke or made are found again.
             conn.execute(
@@ -788,7 +803,8 @@ class Store(Reader):
                 .where(or_(Photo.id.in_(list(moves)), Photo.pair_of.in_(list(moves))))
                 .values(pair_of=None)
             )
-            self._pair(conn, old_paths + [text for text, _ in moves.values()], _now())
+            moved_paths = old_paths + [text for text, _ in moves.values()]
+            self._pair(conn, filter(None, map(pairs.stem_prefix, moved_paths)), _now())
             self._queue_sidecars(conn, list(moves))
             return len(moves)
 

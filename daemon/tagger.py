@@ -1,5 +1,5 @@
-"""Embeddings and scoring: the only module that imports open_clip (torch too, but for the
-float16 matrix product of search.py).
+"""Embeddings and scoring: with text_encoder.py (its prompts to vectors), the only module that
+imports open_clip (torch too, but for the float16 matrix product of search.py).
 
 The zero-shot recipe of CLIP: each label's prompts are encoded once (and cached on disk), each
 photo is encoded once, and a label's score is the softmax of the scaled cosine similarities.
@@ -41,6 +41,7 @@ from .examples import (
 )
 from .jobs import TagScore
 from .models import Action
+from .text_encoder import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ WEIGHT_FILES = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 # loading our weights, and would otherwise ask the hub for it. The tokenizer's files sit in the
 # folder itself, where open_clip's get_tokenizer looks for them in a local-dir: model.
 HF_TEXT_DIR = "hf_text"
-
-# Prompts encoded per forward pass when embedding labels: enough to keep the text encoder
-# busy, few enough that a 1,000-label set does not need gigabytes at once.
-PROMPTS_PER_PASS = 256
 
 # Example photos decoded per forward pass: a few hundred MB of pixels at most for ViT-B.
 EXAMPLES_PER_PASS = 32
@@ -349,6 +346,7 @@ class ClipTagger:
         self._tokenizer: Any = None
         self._preprocess: Callable[[Any], torch.Tensor] | None = None
         self._autocast: torch.dtype | None = None
+        self._text: TextEncoder | None = None
 
     # -- loading --------------------------------------------------------------------------
 
@@ -363,6 +361,7 @@ class ClipTagger:
             log.info("Model download cache: %s", self.hub_cache)
         self._model, self._preprocess, self._tokenizer = self._load_model()
         log.info("Model loaded in %.1f s", time.perf_counter() - started)
+        self._text = TextEncoder(self._model, self._tokenizer, self.device, self._autocast)
         self.logit_scale = float(self._model.logit_scale.exp().item())
         self.sets = [self._embed_set(name, spec) for name, spec in self.label_set_configs.items()]
 
@@ -661,37 +660,10 @@ class ClipTagger:
         )
 
     def _embed_prompts(self, prompts: list[list[str]]) -> torch.Tensor:
-        """One unit column per label: the normalised mean of its prompts' embeddings.
-
-        Labels sharing a number of prompts go to open_clip's build_zero_shot_classifier
-        together; each prompt is handed over as a constant "template" for its label.
-        """
-        columns: list[torch.Tensor | None] = [None] * len(prompts)
-        by_count: dict[int, list[int]] = {}
-        for index, label_prompts in enumerate(prompts):
-            by_count.setdefault(len(label_prompts), []).append(index)
-        by_count.pop(0, None)  # labels without text
-        for count, indexes in by_count.items():
-            # build_zero_shot_classifier renders template(classname); the classname here is
-            # the label's index, so each template picks that label's own prompt.
-            templates = [_pick(prompts, position) for position in range(count)]
-            with self._autocast_context():
-                weights = open_clip.build_zero_shot_classifier(
-                    self._model,
-                    self._tokenizer,
-                    classnames=[str(i) for i in indexes],
-                    templates=templates,
-                    num_classes_per_batch=max(1, PROMPTS_PER_PASS // count),
-                    device=self.device,
-                )
-            for column, index in enumerate(indexes):
-                columns[index] = weights[:, column].float().cpu()
-        # A label without text (prompts: []) gets a zero column: blend() gives it one.
-        width = next((c.shape[0] for c in columns if c is not None), None)
-        if width is None:
-            width = len(self.encode_text("")) // 2  # float16 bytes
-        zero = torch.zeros(width)
-        return torch.stack([zero if c is None else c for c in columns], dim=1).contiguous()
+        """One unit column per label: the normalised mean of its prompts' embeddings (a zero
+        column for a label without text: blend() gives it one)."""
+        assert self._text is not None, "load() first"
+        return self._text.label_vectors(prompts)
 
     def _read_cache(self, path: Path) -> dict[str, torch.Tensor] | None:
         if not path.is_file():
@@ -828,11 +800,9 @@ class ClipTagger:
 
     def encode_text(self, text: str) -> bytes:
         """A text's L2-normalised embedding as float16 bytes, comparable with photos'."""
-        assert self._model is not None, "load() first"
-        tokens = self._tokenizer([text]).to(self.device)
-        with torch.inference_mode(), self._autocast_context():
-            embedding = self._model.encode_text(tokens, normalize=True)
-        return bytes(embedding.to(device="cpu", dtype=torch.float16).numpy().tobytes())
+        assert self._text is not None, "load() first"
+        embedding = self._text.encode([text])
+        return bytes(embedding.to(dtype=torch.float16).numpy().tobytes())
 
     @property
     def embedding_width(self) -> int:
@@ -843,10 +813,6 @@ class ClipTagger:
         if self._autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._autocast)
-
-
-def _pick(prompts: list[list[str]], position: int) -> Callable[[str], str]:
-    return lambda index: prompts[int(index)][position]
 
 
 def _closest(word: str, choices: Sequence[str]) -> str:

@@ -20,6 +20,7 @@ from PIL import Image
 from cliptagd.config import Mode, ModelConfig
 from cliptagd.decode import open_rgb
 from cliptagd.tagger import ClipTagger, LabelSetEmbedding, ModelLoadError, resolve_device, score
+from cliptagd.text_encoder import TextEncoder
 from tests import tinyclip
 from tests.helpers import COLOURS, classic_zero_shot, colour_set, make_tagger
 
@@ -120,7 +121,7 @@ def test_label_embeddings_are_cached_on_disk(
     def must_not_run(*args: object, **kwargs: object) -> None:
         raise AssertionError("label embeddings recomputed despite an unchanged config")
 
-    monkeypatch.setattr(open_clip, "build_zero_shot_classifier", must_not_run)
+    monkeypatch.setattr(TextEncoder, "label_vectors", must_not_run)
     second = make_tagger(tiny_model, tmp_path / "cache")
     assert torch.equal(first.sets[0].weights, second.sets[0].weights)
     # A changed label list is a different key: computed anew.

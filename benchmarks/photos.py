@@ -85,6 +85,30 @@ def make_videos(folder: Path, count: int, size: tuple[int, int] = PHONE_VIDEO) -
     return paths
 
 
+def _save_raw(path: Path, size: tuple[int, int], seed: int, preview: bool) -> None:
+    from tests.media import write_dng  # the tests' DNG writer (tifffile)
+
+    scene = photo(size, seed)
+    write_dng(path, scene, preview=scene if preview else None)
+
+
+def make_raws(
+    folder: Path, count: int, size: tuple[int, int] = CAMERA, *, preview: bool = True
+) -> list[Path]:
+    """Write `count` camera-like DNGs of `size` into `folder` (reused if already there):
+    16-bit sensor data, with a full-size JPEG preview as most cameras embed, or none (so
+    the sensor data itself is decoded)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kind = "preview" if preview else "sensor"
+    paths = [folder / f"raw-{kind}-{size[0]}x{size[1]}-{i:05}.dng" for i in range(count)]
+    missing = [(path, i) for i, path in enumerate(paths) if not path.exists()]
+    if missing:
+        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
+            jobs = [(p, size, i, preview) for p, i in missing]
+            list(pool.map(_save_raw, *zip(*jobs, strict=True)))
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("folder", type=Path)

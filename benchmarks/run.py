@@ -423,6 +423,87 @@ def big_label_set(args: argparse.Namespace) -> dict[str, float]:
     return {"labels": args.labels, "templates": 10, "load_and_embed_s": seconds}
 
 
+def made_up_labels(count: int) -> list[str]:
+    """`count` made-up label names of one or two invented words (2-3 syllables each): no real
+    vocabulary to fetch, and ~11 tokens a prompt with the templates below, against ~10 for
+    ImageNet's class names."""
+    import random
+
+    rng = random.Random(0)
+    syllables = [c + v for c in "bdfgklmnprstvz" for v in "aeiou"]
+
+    def word() -> str:
+        return "".join(rng.choice(syllables) for _ in range(rng.randint(2, 3)))
+
+    return [" ".join(word() for _ in range(rng.randint(1, 2))) for _ in range(count)]
+
+
+def label_embedding(args: argparse.Namespace, model: Any, tokenizer: Any) -> dict[str, Any]:
+    """Embedding --labels labels x 10 templates (open_clip's first 10 OpenAI ImageNet ones):
+    open_clip's build_zero_shot_classifier at the full context, as cliptagd did before ("before"),
+    against cliptagd's TextEncoder, prompts cut to their length ("after").
+
+    "before" runs on --labels-subset labels and is scaled linearly to --labels (its cost is the
+    same per prompt: every prompt is 77 tokens); "after" runs on all of them. Each round
+    measures both, back to back; the figures are medians over --reps rounds.
+    """
+    import open_clip
+    import torch
+
+    from cliptagd.text_encoder import PROMPTS_PER_PASS, TextEncoder
+
+    templates = open_clip.OPENAI_IMAGENET_TEMPLATES[:10]
+    labels = made_up_labels(args.labels)
+    subset = labels[: min(args.labels_subset, args.labels)]
+    prompts = [[template(label) for template in templates] for label in labels]
+    device = torch.device(args.device)
+    encoder = TextEncoder(model, tokenizer, device)
+    tokens = tokenizer([text for label in prompts for text in label])
+    lengths = (tokens.argmax(dim=-1) + 1).float()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def before() -> tuple[float, torch.Tensor]:
+        sync()
+        start = time.perf_counter()
+        weights = open_clip.build_zero_shot_classifier(
+            model, tokenizer, subset, templates,
+            num_classes_per_batch=PROMPTS_PER_PASS // len(templates), device=device,
+        )  # fmt: skip
+        sync()
+        return (time.perf_counter() - start) * len(labels) / len(subset), weights.cpu()
+
+    def after() -> tuple[float, torch.Tensor]:
+        sync()
+        start = time.perf_counter()
+        weights = encoder.label_vectors(prompts)
+        sync()
+        return time.perf_counter() - start, weights
+
+    encoder.label_vectors(prompts[:8])  # warm-up, for both: the same tower
+    rounds = []
+    for _ in range(args.reps):
+        (old, reference), (new, ours) = before(), after()
+        error = float((reference - ours[:, : len(subset)]).abs().max())
+        rounds.append({"before_s": old, "after_s": new, "ratio": old / new, "max_abs_diff": error})
+        print(f"  label embedding round: {json.dumps(rounds[-1])}", flush=True)
+    return {
+        "labels": len(labels),
+        "templates": len(templates),
+        "before_measured_on_labels": len(subset),
+        "cut_to_length": encoder.trims,
+        "mean_prompt_tokens": float(lengths.mean()),
+        "context_tokens": int(tokens.shape[1]),
+        "before_s": statistics.median(r["before_s"] for r in rounds),
+        "after_s": statistics.median(r["after_s"] for r in rounds),
+        "ratio": statistics.median(r["ratio"] for r in rounds),
+        "max_abs_diff": max(r["max_abs_diff"] for r in rounds),
+        "rounds": rounds,
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -452,13 +533,19 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=2.0)
     parser.add_argument("--bare-photos", type=int, default=96)
     parser.add_argument("--labels", type=int, default=1000, help="labels in the big label set")
+    parser.add_argument(
+        "--labels-subset",
+        type=int,
+        default=100,
+        help="labels that label-embedding's full-context 'before' runs on, scaled to --labels",
+    )
     parser.add_argument("--only", nargs="*", help="run only these parts")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "cliptagd-bench")
     parser.add_argument("--quick", action="store_true", help="small counts, for a smoke test")
     args = parser.parse_args()
     if args.quick:
         args.count, args.reps, args.drops, args.burst, args.bare_photos = 16, 1, 3, 200, 32
-        args.labels = 100
+        args.labels, args.labels_subset = 100, 20
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     parts = set(
         args.only
@@ -467,12 +554,14 @@ def main() -> int:
             "loop",
             "scan",
             "videos",
+            "raws",
             "sidecars",
             "burst",
             "latency",
             "memory",
             "startup",
             "labels",
+            "label-embedding",
         ]
     )
 
@@ -542,6 +631,13 @@ def main() -> int:
         # worth of model work; videos per second beside the photos per second above.
         clips = photos.make_videos(args.work / "inputs", max(4, args.count // 8))
         report("scan_videos", scan_rate(args, clips, "videos", bare))
+    if "raws" in parts:
+        # Camera RAW files (12 MP DNGs, 16-bit sensor data): with a full-size JPEG preview,
+        # as most cameras embed, and with none, decoded from the sensor data at half size.
+        count = max(4, args.count // 4)
+        for kind, preview in (("preview", True), ("sensor", False)):
+            raws = photos.make_raws(args.work / "inputs", count, preview=preview)
+            report(f"scan_raw_{kind}", scan_rate(args, raws, f"raw-{kind}", bare))
     if "sidecars" in parts:
         # 2 MP photos: the fastest scan, so where writing a sidecar per photo weighs most.
         report("scan_small_sidecars", sidecar_cost(args, small))
@@ -557,6 +653,8 @@ def main() -> int:
         report("startup", startup(args))
     if "labels" in parts:
         report("big_label_set", big_label_set(args))
+    if "label-embedding" in parts:
+        report("label_embedding", label_embedding(args, model, tokenizer))
 
     print(f"Written to {RESULTS / name}")
     return 0

@@ -138,6 +138,9 @@ class WorkerConfig(_Frozen):
     max_wait_seconds: Annotated[float, Field(ge=0, le=60)] = 0.05
     # Threads decoding photos while the model runs; "auto" keeps a core for the model.
     decode_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
+    # JPEGs decoded on the GPU (nvJPEG), batched, when the model runs on one ("auto"); "off"
+    # decodes every photo on the CPU. Files the GPU cannot decode go to the CPU either way.
+    gpu_decode: Literal["auto", "off"] = "auto"
     # Threads torch uses for the model on the CPU; "auto" lets torch use every core.
     torch_threads: Annotated[int, Field(ge=1, le=256)] | Literal["auto"] = "auto"
     # Photos refused before decoding above this many pixels (decompression bombs).

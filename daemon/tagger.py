@@ -742,6 +742,13 @@ class ClipTagger:
         size = self._model.visual.image_size
         return int(min(size) if isinstance(size, tuple | list) else size)
 
+    @property
+    def transform(self) -> Callable[[Any], torch.Tensor]:
+        """The model's preprocessing (open_clip's transform), which the device decoder
+        mirrors step by step (decode/gpu.py)."""
+        assert self._preprocess is not None, "load() first"
+        return self._preprocess
+
     def preprocess(self, image: Any) -> torch.Tensor:
         assert self._preprocess is not None, "load() first"
         pixels: torch.Tensor = self._preprocess(image)
@@ -749,7 +756,7 @@ class ClipTagger:
 
     def encode(self, pixels: torch.Tensor) -> torch.Tensor:
         """L2-normalised image embeddings of a batch of preprocessed photos, as float32."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and pixels.device.type == "cpu":
             pixels = pixels.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode(), self._autocast_context():
             embeddings: torch.Tensor = self._model.encode_image(pixels, normalize=True)

@@ -8,6 +8,10 @@ how that ended (see retag.py).
 Inside the worker, decode threads turn jobs into preprocessed tensors while the model runs on
 the previous batch; the model loop takes a batch when it is full, or when its first photo has
 waited `max_wait_seconds`, so a lone photo is tagged at once.
+
+With the model on a GPU, JPEGs are decoded there (decode/gpu.py): the decode threads only read
+the files and check their headers, and one thread decodes what they read in batches on the
+device. What the device does not take goes the CPU way, one file at a time.
 """
 
 from __future__ import annotations
@@ -23,17 +27,27 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.context import SpawnProcess
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .decode import UnreadableImage, open_frames
 from .jobs import Job, Outcome, fingerprint
+
+if TYPE_CHECKING:
+    from .decode.gpu import JpegDecoder
 
 log = logging.getLogger(__name__)
 
 # A photo ready for the model: its job, its content fingerprint, its preprocessed frames
 # (one for a photo, a few for a video).
 Decoded = tuple[Job, str, Any]
+# A JPEG read for the device decoder: its job, its fingerprint, its bytes and its header.
+Encoded = tuple[Job, str, bytes, Any]
+
+# Threads reading files for the device decoder ("auto"), however few the cores: reading waits
+# on the disk, or on the network for a share, far more than it uses a core, and the GPU
+# decodes thousands of photos a second. See benchmarks/gpu_decode.py for what was measured.
+READ_THREADS = 16
 
 
 # The advisory lock a re-tag holds on a shared database (store/postgres.py's numbering).
@@ -270,11 +284,6 @@ class _ModelLoop:
         cores = os.cpu_count() or 1
         if self.config.torch_threads != "auto":
             torch.set_num_threads(self.config.torch_threads)
-        self.decode_threads = (
-            self.config.decode_threads
-            if self.config.decode_threads != "auto"
-            else max(1, cores - 1)
-        )
         for missing in register_plugins(config.watch.extensions):
             log.warning("Some photos will fail to tag. %s", missing)
         from PIL import Image
@@ -287,10 +296,19 @@ class _ModelLoop:
         self.database_url = config.database.url
         self.sidecars = config.xmp.write  # re-tags queue the sidecars they change
         self.min_side = self.tagger.image_size
+        self.jpeg = self._device_decoder()
+        if self.config.decode_threads != "auto":
+            self.decode_threads = self.config.decode_threads
+        elif self.jpeg is not None:
+            self.decode_threads = max(cores - 1, READ_THREADS)
+        else:
+            self.decode_threads = max(1, cores - 1)
         # Decoded photos waiting for the model: two batches' worth keeps the model fed while
         # bounding memory (a preprocessed ViT-B-32 photo is 0.6 MB).
         self.room = threading.Semaphore(2 * self.config.batch_size + self.decode_threads)
         self.decoded: queue.Queue[Outcome | Decoded] = queue.Queue()
+        # JPEGs read, waiting for the device decoder (they hold their place in `room`).
+        self.encoded: queue.Queue[Encoded] = queue.Queue()
         self.intake_done = threading.Event()
         # A parent killed outright (SIGKILL, OOM killer) cannot stop us: notice it instead of
         # holding the model's memory forever.
@@ -307,10 +325,29 @@ class _ModelLoop:
             )
         )
 
+    def _device_decoder(self) -> JpegDecoder | None:
+        """The decoder of JPEGs on the model's device, or None to decode them on the CPU."""
+        if self.config.gpu_decode == "off":
+            return None
+        from .decode.gpu import JpegDecoder
+
+        # The model's own preprocessing, mirrored step by step on the device.
+        decoder = JpegDecoder.for_model(self.tagger.transform, self.tagger.device, self.min_side)
+        if decoder is not None:
+            log.info(
+                "Decoding JPEGs on %s (worker.gpu_decode: off decodes on the CPU)",
+                self.tagger.device,
+            )
+        return decoder
+
     def run(self) -> None:
         pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
         feeder = threading.Thread(target=self._feed, args=(pool,), name="feed", daemon=True)
         feeder.start()
+        device = None
+        if self.jpeg is not None:
+            device = threading.Thread(target=self._decode_on_device, name="device-decode")
+            device.start()
         try:
             # After READY, so start-up stays the model's load; photos decode meanwhile.
             self._retag(self.database_url)
@@ -324,6 +361,8 @@ class _ModelLoop:
         finally:
             self.stop.set()
             pool.shutdown(wait=False, cancel_futures=True)
+            if device is not None:
+                device.join()
 
     def _feed(self, pool: ThreadPoolExecutor) -> None:
         while not self.stop.is_set():
@@ -390,6 +429,60 @@ class _ModelLoop:
             return self.pending == 0
 
     def _decode(self, job: Job) -> None:
+        if self.jpeg is not None:
+            encoded = self._read_jpeg(job)
+            if encoded is not None:
+                self.encoded.put(encoded)
+                return
+        self.decoded.put(self._decode_on_cpu(job))
+
+    def _read_jpeg(self, job: Job) -> Encoded | None:
+        """A JPEG's bytes and header for the device decoder; None for a file it does not
+        take, which the CPU path decodes (or gives its reason for not decoding)."""
+        from .decode.gpu import JPEG_SUFFIXES, NotForDevice, read_header
+
+        if not job.path.lower().endswith(JPEG_SUFFIXES):
+            return None
+        try:
+            with open(job.path, "rb") as file:
+                data = file.read()
+            header = read_header(data, self.config.max_pixels)
+            # Read now, while the file is in the page cache: see _decode_on_cpu.
+            return (job, fingerprint(job.path), data, header)
+        except NotForDevice as exc:
+            log.debug("Decoding %s on the CPU: %s", job.path, exc)
+        except OSError:
+            pass  # gone, no permission...: the CPU path gives the reason
+        return None
+
+    def _decode_on_device(self) -> None:
+        """Decode the JPEGs read, as many at once as are waiting (up to a batch), on the
+        model's device; those it cannot decode, on the CPU."""
+        assert self.jpeg is not None
+        while not self.stop.is_set():
+            try:
+                batch = [self.encoded.get(timeout=0.2)]
+            except queue.Empty:
+                continue
+            # No waiting for more: under load the queue is full, and a lone photo goes at once.
+            while len(batch) < self.config.batch_size:
+                try:
+                    batch.append(self.encoded.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                pictures = self.jpeg.decode([(data, header) for _, _, data, header in batch])
+            except Exception:  # e.g. CUDA out of memory: the CPU path decodes these
+                log.exception("Decoding %d JPEGs on %s failed", len(batch), self.jpeg.device)
+                pictures = [None] * len(batch)
+            for (job, print_, _, _), picture in zip(batch, pictures, strict=True):
+                if picture is None:
+                    log.debug("Decoding %s on the CPU: the device could not", job.path)
+                    self.decoded.put(self._decode_on_cpu(job))
+                else:
+                    self.decoded.put((job, print_, picture))
+
+    def _decode_on_cpu(self, job: Job) -> Outcome | Decoded:
         import torch
 
         try:
@@ -409,7 +502,7 @@ class _ModelLoop:
         except Exception as exc:  # a decoder bug must cost one photo, not the worker
             log.exception("Unexpected error decoding %s", job.path)
             item = Outcome(job, error=f"cannot decode ({type(exc).__name__}: {exc})")
-        self.decoded.put(item)
+        return item
 
     def _next_batch(self) -> list[Outcome | Decoded] | None:
         try:
@@ -441,7 +534,10 @@ class _ModelLoop:
             try:
                 started = time.perf_counter()
                 # Each item is its frames: one for a photo, a few for a video.
-                pixels = torch.cat([tensor for *_, tensor in decoded])
+                tensors = [tensor for *_, tensor in decoded]
+                if self.jpeg is not None:  # some decoded on the device: all go there
+                    tensors = [tensor.to(self.jpeg.device) for tensor in tensors]
+                pixels = torch.cat(tensors)
                 frames = [tensor.shape[0] for *_, tensor in decoded]
                 results = self.tagger.tag_and_embed(pixels, frames)
                 for (job, print_, _), (tags, vector) in zip(decoded, results, strict=True):

@@ -88,6 +88,11 @@ def test_a_phone_backup_and_a_camera_card_are_fully_tagged(
     save_picture(phone, "IMG_0002.jpg", "green", rng)
     write_video(phone / "VID_0003.mp4", ["yellow"] * 20)
     tinyclip.picture("blue", rng, (96, 80)).save(phone / "IMG_0004.avif")
+    # A motion photo: a JPEG with its video (another colour) appended, tagged as the photo.
+    still = phone / "PXL_0008.MP.jpg"
+    save_picture(phone, still.name, "green", rng)
+    clip = write_video(tmp_path / "inside.mp4", ["red"] * 15).read_bytes()
+    still.write_bytes(still.read_bytes() + clip)
     # RAW+JPEG: the RAW file (blue throughout) takes the JPEG's tags, encoded once.
     save_picture(card, "DSC_0005.JPG", "yellow", rng)
     write_dng(
@@ -105,14 +110,14 @@ def test_a_phone_backup_and_a_camera_card_are_fully_tagged(
     write_dng(card / "DSC_0007.NEF", tinyclip.picture("red", rng, (320, 256)))
 
     with Daemon(config) as daemon:
-        wait_for(lambda: all_done(db, 9), 120, "every file")
+        wait_for(lambda: all_done(db, 10), 120, "every file")
         assert daemon.stop() == 0
 
     tags = {str(Path(p).relative_to(photo_dir)): labels for p, labels in labels_of(db).items()}
     assert tags == {
         "phone/IMG_0001.HEIC": ["red"], "phone/IMG_0001.MOV": ["red"],
         "phone/IMG_0002.jpg": ["green"], "phone/VID_0003.mp4": ["yellow"],
-        "phone/IMG_0004.avif": ["blue"],
+        "phone/IMG_0004.avif": ["blue"], "phone/PXL_0008.MP.jpg": ["green"],
         "card/DSC_0005.JPG": ["yellow"], "card/DSC_0005.DNG": ["yellow"],
         "card/DSC_0006.DNG": ["green"], "card/DSC_0007.NEF": ["red"],
     }  # fmt: skip

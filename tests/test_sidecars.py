@@ -294,11 +294,26 @@ def test_cli_decisions_reach_queries_counts_view_and_sidecar(
 def test_replace_naming_shares_one_sidecar_per_stem(tmp_path: Path, photos: Path) -> None:
     config = make_config(tmp_path, photos, naming="replace")
     with Store.open(config.database.url, sidecars=True) as store:
-        raw, jpeg = photos / "IMG_2.dng", photos / "IMG_2.jpg"
-        tag(store, (raw, [("scene", "beach", 0.6)]), (jpeg, [("things", "cat", 0.8)]))
+        # Not a pair (a pair has one photo's tags): two photos that share a stem.
+        tiff, jpeg = photos / "IMG_2.tif", photos / "IMG_2.jpg"
+        tag(store, (tiff, [("scene", "beach", 0.6)]), (jpeg, [("things", "cat", 0.8)]))
         SidecarWriter(store, config).drain_all()
     assert sorted(p.name for p in photos.glob("*.xmp")) == ["IMG_2.xmp"]
     assert keywords(photos / "IMG_2.xmp")[0] == {"beach", "cat"}
+
+
+def test_a_raw_and_jpeg_pair_has_one_sidecar(tmp_path: Path, photos: Path) -> None:
+    config = make_config(tmp_path, photos, naming="replace")
+    with Store.open(config.database.url, sidecars=True) as store:
+        raw, jpeg = photos / "IMG_4.dng", photos / "IMG_4.jpg"
+        raw.write_bytes(b"not decoded here")
+        store.enqueue([FileStat.of(raw)])
+        # Only the JPEG is tagged; the RAW file takes its tags (and its sidecar is the same).
+        tag(store, (jpeg, [("scene", "beach", 0.6)]))
+        SidecarWriter(store, config).drain_all()
+        assert [(r.label_set, r.label) for r in store.tags_for([str(raw)])] == [("scene", "beach")]
+    assert sorted(p.name for p in photos.glob("*.xmp")) == ["IMG_4.xmp"]
+    assert keywords(photos / "IMG_4.xmp")[0] == {"beach"}
 
 
 def test_a_sidecar_of_the_other_naming_is_used(store: Store, config: Config, photos: Path) -> None:

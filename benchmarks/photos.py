@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -37,16 +38,22 @@ def _save(path: Path, size: tuple[int, int], seed: int) -> None:
     photo(size, seed).save(path, quality=92)
 
 
-def make(folder: Path, count: int, size: tuple[int, int], prefix: str = "photo") -> list[Path]:
-    """Write `count` JPEGs of `size` into `folder` (reused if already there), on every core:
-    a camera-sized one takes over a second to make."""
+def _make(folder: Path, names: list[str], save: Callable[..., None], *args: object) -> list[Path]:
+    """The files `names` in `folder`, those not there yet written by `save(path, *args,
+    seed)` on every core (a camera-sized picture takes over a second to make)."""
     folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"{prefix}-{size[0]}x{size[1]}-{i:05}.jpg" for i in range(count)]
-    missing = [(path, i) for i, path in enumerate(paths) if not path.exists()]
+    paths = [folder / name for name in names]
+    missing = [(path, *args, seed) for seed, path in enumerate(paths) if not path.exists()]
     if missing:
         with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
-            list(pool.map(_save, *zip(*[(p, size, i) for p, i in missing], strict=True)))
+            list(pool.map(save, *zip(*missing, strict=True)))
     return paths
+
+
+def make(folder: Path, count: int, size: tuple[int, int], prefix: str = "photo") -> list[Path]:
+    """Write `count` JPEGs of `size` into `folder` (reused if already there)."""
+    names = [f"{prefix}-{size[0]}x{size[1]}-{i:05}.jpg" for i in range(count)]
+    return _make(folder, names, _save, size)
 
 
 # A phone's video: 1080p at 30 frames a second, a keyframe a second, ten seconds.
@@ -76,16 +83,11 @@ def _save_video(path: Path, size: tuple[int, int], seed: int) -> None:
 
 def make_videos(folder: Path, count: int, size: tuple[int, int] = PHONE_VIDEO) -> list[Path]:
     """Write `count` phone-like MP4s of `size` into `folder` (reused if already there)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = [folder / f"video-{size[0]}x{size[1]}-{i:05}.mp4" for i in range(count)]
-    missing = [(path, i) for i, path in enumerate(paths) if not path.exists()]
-    if missing:
-        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
-            list(pool.map(_save_video, *zip(*[(p, size, i) for p, i in missing], strict=True)))
-    return paths
+    names = [f"video-{size[0]}x{size[1]}-{i:05}.mp4" for i in range(count)]
+    return _make(folder, names, _save_video, size)
 
 
-def _save_raw(path: Path, size: tuple[int, int], seed: int, preview: bool) -> None:
+def _save_raw(path: Path, size: tuple[int, int], preview: bool, seed: int) -> None:
     from tests.media import write_dng  # the tests' DNG writer (tifffile)
 
     scene = photo(size, seed)
@@ -98,15 +100,9 @@ def make_raws(
     """Write `count` camera-like DNGs of `size` into `folder` (reused if already there):
     16-bit sensor data, with a full-size JPEG preview as most cameras embed, or none (so
     the sensor data itself is decoded)."""
-    folder.mkdir(parents=True, exist_ok=True)
     kind = "preview" if preview else "sensor"
-    paths = [folder / f"raw-{kind}-{size[0]}x{size[1]}-{i:05}.dng" for i in range(count)]
-    missing = [(path, i) for i, path in enumerate(paths) if not path.exists()]
-    if missing:
-        with ProcessPoolExecutor(min(len(missing), os.cpu_count() or 1)) as pool:
-            jobs = [(p, size, i, preview) for p, i in missing]
-            list(pool.map(_save_raw, *zip(*jobs, strict=True)))
-    return paths
+    names = [f"raw-{kind}-{size[0]}x{size[1]}-{i:05}.dng" for i in range(count)]
+    return _make(folder, names, _save_raw, size, preview)
 
 
 def main() -> None:
